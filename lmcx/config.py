@@ -1,0 +1,338 @@
+"""Every setting of lmcx, in one place, as typed dataclasses loaded from YAML.
+
+`load_config(cls, path, overrides)` reads a YAML file, applies `--set a.b=value` overrides and flags,
+and validates the result: unknown keys, wrong types and out-of-range values raise LmcxError naming
+the key path and the file. `to_dict(cfg)` gives the fully resolved config written beside results.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import LmcxError
+
+# ---------------------------------------------------------------------------------------------
+# Data, model, training
+
+
+@dataclass
+class SyntheticConfig:
+    """Generated Gaussian-blob images: for tests and smoke runs."""
+
+    train_size: int = 1024
+    test_size: int = 256
+    num_classes: int = 10
+    shape: list[int] = field(default_factory=lambda: [1, 8, 8])
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: Literal["digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
+    root: str | None = None  # else $LMCX_DATA_ROOT, else ~/.cache/lmcx/data
+    path: str | None = None  # imagefolder: folder holding train/ and test/ (relative to root)
+    download: bool = False
+    calib_size: int = 1000  # held out of the training set (same split for every seed) for calibration
+    train_size: int | None = None  # use only this many training images (after the calibration split)
+    augment: bool = False  # random crop with padding + horizontal flip, on the device
+    crop_padding: int = 4
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["mlp", "vgg11", "vgg16", "resnet20"] = "mlp"
+    width: float = 1.0  # multiplier: MLP h = 512*width, VGG/ResNet channels times width
+    norm: Literal["bn", "ln", "none"] = "bn"
+    bias: bool = True
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.4
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # after the linear warm-up
+    warmup_epochs: float = 5.0
+    epochs: int = 100
+    batch_size: int = 500
+    eval_batch_size: int = 2000
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # max global grad norm; None = no clipping
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model (CUDA)
+
+
+@dataclass
+class TrainJob:
+    """Everything `lmcx train` needs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out: str | None = None  # run directory; default outputs/train/<dataset>-<arch>-w<width>-s<seed>
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching, interpolation, calibration, analyses
+
+
+@dataclass
+class SteConfig:
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 500
+
+
+@dataclass
+class MatchConfig:
+    method: Literal["wm", "am", "ste"] = "wm"
+    seed: int = 0
+    max_iter: int = 100
+    am_samples: int = 5000  # training images whose activations are correlated
+    many: Literal["anchor", "merge-many"] = "anchor"  # three or more models
+    ste: SteConfig = field(default_factory=SteConfig)
+
+
+@dataclass
+class InterpolateConfig:
+    points: int = 25  # evenly spaced λ in [0, 1]
+    lambdas: list[float] | None = None  # explicit grid; overrides `points`
+    norm_fix: Literal["auto", "reset", "repair", "none"] = "auto"  # auto: reset for BN models, else none
+    train_eval_size: int = 5000  # training images the train-split curve is measured on
+    norm_fix_batches: int = 10  # training batches for BN reset / REPAIR statistics
+    calibrate: bool = False
+
+
+@dataclass
+class SvdConfig:
+    gammas: list[float] = field(default_factory=lambda: [0.0, 0.3])
+    weighted: bool = False  # also report the singular-value-weighted alignment
+
+
+@dataclass
+class LewcConfig:
+    lambdas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    samples: int = 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against type `tp`, converting only where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise LmcxError(f"{where}: expected a mapping of settings, got {value!r}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise LmcxError(f"{where}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, where)
+            except LmcxError:
+                continue
+        raise LmcxError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise LmcxError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return [_convert(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise LmcxError(f"{where}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise LmcxError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LmcxError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LmcxError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise LmcxError(f"{where}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise LmcxError(f"{where + '.' if where else ''}{key}: unknown setting; "
+                            f"valid keys here are {', '.join(sorted(names))}")
+    kwargs = {k: _convert(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b=value` -> {"a": {"b": value}}, with the value parsed as YAML (so 3, 1e-3, true, [1,2])."""
+    if "=" not in text:
+        raise LmcxError(f"--set {text!r}: expected KEY=VALUE, for example --set train.lr=0.1")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise LmcxError(f"--set {text!r}: the key must be dotted names, for example train.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise LmcxError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise LmcxError(f"config {path} is a directory; pass a YAML file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LmcxError(f"cannot read config {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise LmcxError(f"config {path} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        raise LmcxError(f"config {path} is empty; see configs/ for examples")
+    if not isinstance(data, dict):
+        raise LmcxError(f"config {path} must be a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[dict[str, Any]] = ()) -> Any:
+    """Defaults, then the YAML file, then each override in order; validated into `cls`."""
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    for update in overrides:
+        data = _deep_merge(data, update)
+    source = f"config {path}" if path is not None else "settings"
+    try:
+        cfg = _build(cls, data, "")
+        validate(cfg)
+    except LmcxError as e:
+        raise LmcxError(f"{source}: {e}") from None
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Range checks (types are checked by the loader)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise LmcxError(f"{key}: {message}")
+
+
+def _validate_fields(cfg: Any, prefix: str) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{prefix}{f.name}.")
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check ranges of every dataclass in `cfg` (recursively)."""
+    p = prefix
+    if isinstance(cfg, ModelConfig):
+        _require(cfg.width > 0, f"{p}width", f"must be > 0, got {cfg.width}")
+    elif isinstance(cfg, DataConfig):
+        _require(cfg.calib_size >= 0, f"{p}calib_size", f"must be >= 0, got {cfg.calib_size}")
+        _require(cfg.train_size is None or cfg.train_size > 0, f"{p}train_size", "must be > 0 or null")
+        _require(cfg.crop_padding >= 0, f"{p}crop_padding", "must be >= 0")
+    elif isinstance(cfg, SyntheticConfig):
+        _require(cfg.train_size > 0 and cfg.test_size > 0, f"{p}train_size", "sizes must be > 0")
+        _require(cfg.num_classes >= 2, f"{p}num_classes", "must be >= 2")
+        _require(len(cfg.shape) == 3 and all(s > 0 for s in cfg.shape), f"{p}shape",
+                 "must be [channels, height, width], all > 0")
+    elif isinstance(cfg, TrainConfig):
+        _require(cfg.epochs > 0, f"{p}epochs", f"must be > 0, got {cfg.epochs}")
+        _require(cfg.lr > 0, f"{p}lr", f"must be > 0, got {cfg.lr}")
+        _require(cfg.batch_size > 0, f"{p}batch_size", f"must be > 0, got {cfg.batch_size}")
+        _require(cfg.eval_batch_size > 0, f"{p}eval_batch_size", "must be > 0")
+        _require(cfg.weight_decay >= 0, f"{p}weight_decay", "must be >= 0")
+        _require(0 <= cfg.momentum < 1, f"{p}momentum", "must be in [0, 1)")
+        _require(cfg.warmup_epochs >= 0, f"{p}warmup_epochs", "must be >= 0")
+        _require(0 <= cfg.label_smoothing < 1, f"{p}label_smoothing", "must be in [0, 1)")
+        _require(cfg.grad_clip is None or cfg.grad_clip > 0, f"{p}grad_clip", "must be > 0 or null")
+    elif isinstance(cfg, TrainJob):
+        _require(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), f"{p}device",
+                 f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    elif isinstance(cfg, MatchConfig):
+        _require(cfg.max_iter > 0, f"{p}max_iter", "must be > 0")
+        _require(cfg.am_samples > 0, f"{p}am_samples", "must be > 0")
+    elif isinstance(cfg, SteConfig):
+        _require(cfg.epochs > 0 and cfg.lr > 0 and cfg.batch_size > 0, f"{p}ste", "epochs, lr, batch_size must be > 0")
+    elif isinstance(cfg, InterpolateConfig):
+        _require(cfg.points >= 2, f"{p}points", f"must be >= 2, got {cfg.points}")
+        if cfg.lambdas is not None:
+            _require(len(cfg.lambdas) >= 2 and all(0 <= x <= 1 for x in cfg.lambdas), f"{p}lambdas",
+                     "must hold at least two values, each in [0, 1]")
+        _require(cfg.train_eval_size > 0, f"{p}train_eval_size", "must be > 0")
+        _require(cfg.norm_fix_batches > 0, f"{p}norm_fix_batches", "must be > 0")
+    elif isinstance(cfg, SvdConfig):
+        _require(all(0 <= g <= 1 for g in cfg.gammas) and cfg.gammas, f"{p}gammas", "each γ must be in [0, 1]")
+    elif isinstance(cfg, LewcConfig):
+        _require(all(0 <= x <= 1 for x in cfg.lambdas) and cfg.lambdas, f"{p}lambdas", "each λ must be in [0, 1]")
+        _require(cfg.samples > 0, f"{p}samples", "must be > 0")
+    _validate_fields(cfg, prefix)
+
+
+def data_root(configured: str | None) -> Path:
+    """--data-root / data.root, else $LMCX_DATA_ROOT, else a cache folder under the home directory."""
+    root = configured or os.environ.get("LMCX_DATA_ROOT") or "~/.cache/lmcx/data"
+    return Path(root).expanduser()
+
+
+def cache_dir() -> Path:
+    """Where decoded datasets are cached: $LMCX_CACHE_DIR, else ~/.cache/lmcx."""
+    return Path(os.environ.get("LMCX_CACHE_DIR") or "~/.cache/lmcx").expanduser()

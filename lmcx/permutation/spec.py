@@ -1,0 +1,116 @@
+"""Permutation specs: which permutation acts on which axis of which parameter (Git Re-Basin form).
+
+A permutation of a hidden layer's units reorders the rows of that layer's weight (and bias, norm
+parameters and running statistics) and the columns of the next layer's weight; it never changes the
+function. Each architecture describes itself once as a `PermutationSpec`; everything else
+(applying permutations, weight matching, activation matching, SVD analysis) reads only the spec.
+
+A permutation is a 1-D int64 tensor `p` of length n: new unit i is old unit p[i], i.e. permuting an
+axis means `w.index_select(axis, p)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from ..errors import LmcxError
+
+Permutation = torch.Tensor
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PermutationSpec:
+    """`axes_to_perm[param] = (perm name or None per axis)`; `perm_to_axes` is its inverse.
+
+    `activation_points[perm]` lists module names whose forward output carries that permutation's
+    units on dimension 1 (used by activation matching and feature analyses). Parameters absent from
+    `axes_to_perm` (e.g. `num_batches_tracked`) are left as they are.
+    """
+
+    axes_to_perm: dict[str, tuple[str | None, ...]]
+    perm_to_axes: dict[str, list[tuple[str, int]]]
+    activation_points: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.perm_to_axes)
+
+
+def permutation_spec_from_axes(
+    axes_to_perm: dict[str, tuple[str | None, ...]],
+    activation_points: dict[str, list[str]] | None = None,
+) -> PermutationSpec:
+    perm_to_axes: dict[str, list[tuple[str, int]]] = {}
+    for param, axes in axes_to_perm.items():
+        for axis, perm in enumerate(axes):
+            if perm is not None:
+                perm_to_axes.setdefault(perm, []).append((param, axis))
+    return PermutationSpec(dict(axes_to_perm), perm_to_axes, dict(activation_points or {}))
+
+
+def perm_sizes(spec: PermutationSpec, params: StateDict) -> dict[str, int]:
+    """Number of units of each permutation, read off the first parameter it acts on."""
+    return {p: params[axes[0][0]].shape[axes[0][1]] for p, axes in spec.perm_to_axes.items()}
+
+
+def identity_permutation(spec: PermutationSpec, params: StateDict) -> dict[str, Permutation]:
+    return {p: torch.arange(n) for p, n in perm_sizes(spec, params).items()}
+
+
+def random_permutation(spec: PermutationSpec, params: StateDict, seed: int) -> dict[str, Permutation]:
+    gen = torch.Generator().manual_seed(seed)
+    return {p: torch.randperm(n, generator=gen) for p, n in perm_sizes(spec, params).items()}
+
+
+def get_permuted_param(
+    spec: PermutationSpec,
+    perm: Mapping[str, Permutation],
+    key: str,
+    params: StateDict,
+    except_axis: int | None = None,
+) -> torch.Tensor:
+    """`params[key]` with every permutation of the spec applied, except on axis `except_axis`."""
+    w = params[key]
+    for axis, p in enumerate(spec.axes_to_perm.get(key, ())):
+        if axis == except_axis or p is None:
+            continue
+        w = torch.index_select(w, axis, perm[p].to(w.device))
+    return w
+
+
+def apply_permutation(
+    spec: PermutationSpec, perm: Mapping[str, Permutation], params: StateDict
+) -> dict[str, torch.Tensor]:
+    """Return a new state dict with `perm` applied to every parameter and buffer the spec names."""
+    check_permutation(spec, perm, params)
+    return {k: get_permuted_param(spec, perm, k, params) for k in params}
+
+
+def check_permutation(spec: PermutationSpec, perm: Mapping[str, Permutation], params: StateDict) -> None:
+    """Raise LmcxError unless `perm` has exactly the spec's names, sizes, and valid index arrays."""
+    missing = [k for k in spec.axes_to_perm if k not in params]
+    if missing:
+        raise LmcxError(f"the model has no parameter {missing[0]!r} that its permutation spec names; "
+                        "the checkpoint does not match this architecture")
+    sizes = perm_sizes(spec, params)
+    if set(perm) != set(sizes):
+        extra, absent = sorted(set(perm) - set(sizes)), sorted(set(sizes) - set(perm))
+        raise LmcxError(f"permutation names do not fit the model (unknown: {extra[:3]}, missing: {absent[:3]}); "
+                        "use a permutation file written for this architecture")
+    for name, n in sizes.items():
+        p = perm[name]
+        if p.ndim != 1 or p.numel() != n or not torch.equal(torch.sort(p.cpu()).values, torch.arange(n)):
+            raise LmcxError(f"permutation {name!r} is not a permutation of {n} units; "
+                            "use a permutation file written for a model of this width")
+
+
+def invert_permutation(perm: Mapping[str, Permutation]) -> dict[str, Permutation]:
+    return {k: torch.argsort(p) for k, p in perm.items()}
+
+
+def compose_permutations(first: Mapping[str, Permutation], then: Mapping[str, Permutation]) -> dict[str, Permutation]:
+    """The permutation equal to applying `first`, then `then`."""
+    return {k: first[k][then[k]] for k in first}
