@@ -66,6 +66,7 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 500
     eval_batch_size: int = 2000
+    eval_every: int = 1  # epochs between test-set evaluations (the last epoch is always evaluated)
     label_smoothing: float = 0.0
     grad_clip: float | None = None  # max global grad norm; None = no clipping
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -152,7 +153,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise LmcxError(f"{where}: expected a mapping of settings, got {value!r}")
-        return _build(tp, value, where)
+        return from_dict(tp, value, where)
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise LmcxError(f"{where}: {value!r} is not one of {_type_name(tp)}")
@@ -193,7 +194,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {tp}")
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -222,6 +223,11 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    return nested(key, value)
+
+
+def nested(key: str, value: Any) -> dict[str, Any]:
+    """`nested("a.b", 1)` -> {"a": {"b": 1}}."""
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
@@ -257,7 +263,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[dict[
         data = _deep_merge(data, update)
     source = f"config {path}" if path is not None else "settings"
     try:
-        cfg = _build(cls, data, "")
+        cfg = from_dict(cls, data, "")
         validate(cfg)
     except LmcxError as e:
         raise LmcxError(f"{source}: {e}") from None
@@ -299,6 +305,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
         _require(cfg.lr > 0, f"{p}lr", f"must be > 0, got {cfg.lr}")
         _require(cfg.batch_size > 0, f"{p}batch_size", f"must be > 0, got {cfg.batch_size}")
         _require(cfg.eval_batch_size > 0, f"{p}eval_batch_size", "must be > 0")
+        _require(cfg.eval_every > 0, f"{p}eval_every", "must be > 0")
         _require(cfg.weight_decay >= 0, f"{p}weight_decay", "must be >= 0")
         _require(0 <= cfg.momentum < 1, f"{p}momentum", "must be in [0, 1)")
         _require(cfg.warmup_epochs >= 0, f"{p}warmup_epochs", "must be >= 0")

@@ -1,8 +1,16 @@
-"""The one error type users see: a clear line, exit code 2, no traceback."""
+"""The errors users see: one clear line, no traceback."""
 
 
 class LmcxError(Exception):
-    """Bad input (config, file, argument). The CLI prints `error: <message>` and exits with code 2.
+    """Bad input (config, file, argument): the CLI prints `error: <message>` and exits with code 2.
 
     Messages name what is wrong and how to fix it, in one line.
     """
+
+    exit_code = 2
+
+
+class RunFailed(LmcxError):
+    """The inputs were valid but the computation failed (e.g. training diverged): exit code 1."""
+
+    exit_code = 1

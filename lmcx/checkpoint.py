@@ -1,0 +1,120 @@
+"""Model checkpoints: safetensors files that describe themselves.
+
+The safetensors header carries the model and dataset settings (`lmcx` metadata key), so any file
+written by `lmcx train` or `lmcx match` can be rebuilt into a model without its run directory.
+Loading never executes code from a file: safetensors holds only tensors, and the training-state
+file used for `--resume` is read with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .config import DataConfig, ModelConfig, from_dict
+from .errors import LmcxError
+from .io import atomic_path
+
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    model: ModelConfig
+    data: DataConfig
+    in_shape: tuple[int, int, int]
+    num_classes: int
+    state: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)  # free-form provenance (seed, permuted_from, ...)
+    path: Path | None = None
+
+    def header(self) -> dict[str, Any]:
+        return {"model": asdict(self.model), "data": asdict(self.data), "in_shape": list(self.in_shape),
+                "num_classes": self.num_classes, "info": self.info}
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path else f"{self.model.arch} w{self.model.width:g}"
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in ckpt.state.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"lmcx": json.dumps(ckpt.header())})
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A run directory stands for the model file inside it."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            return path / MODEL_FILE
+        raise LmcxError(f"{path} is a directory without {MODEL_FILE}; pass a finished run directory or a "
+                        ".safetensors file")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = resolve_model_path(path)
+    if not path.exists():
+        raise LmcxError(f"checkpoint {path} does not exist; pass a model.safetensors file or a run directory")
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as e:
+        raise LmcxError(f"{path} is not a readable safetensors checkpoint ({e}); it may be truncated or "
+                        "corrupt: re-create it") from None
+    if "lmcx" not in meta:
+        raise LmcxError(f"{path} has no lmcx metadata; use a checkpoint written by `lmcx train` or `lmcx match`")
+    try:
+        header = json.loads(meta["lmcx"])
+        model = from_dict(ModelConfig, header["model"], "model")
+        data = from_dict(DataConfig, header["data"], "data")
+        return Checkpoint(model, data, tuple(header["in_shape"]), int(header["num_classes"]), state,
+                          header.get("info", {}), path)
+    except (LmcxError, KeyError, TypeError, ValueError) as e:
+        raise LmcxError(f"{path} has unreadable lmcx metadata ({e}); re-create the checkpoint") from None
+
+
+def check_compatible(a: Checkpoint, b: Checkpoint) -> None:
+    """Two checkpoints can be matched / interpolated only if they are the same kind of model."""
+    pairs = [("architecture", a.model.arch, b.model.arch), ("width", a.model.width, b.model.width),
+             ("norm", a.model.norm, b.model.norm), ("bias", a.model.bias, b.model.bias),
+             ("dataset", a.data.name, b.data.name), ("input shape", a.in_shape, b.in_shape),
+             ("classes", a.num_classes, b.num_classes)]
+    for what, va, vb in pairs:
+        if va != vb:
+            raise LmcxError(f"models differ in {what} ({a.label}: {va}, {b.label}: {vb}); "
+                            "only models of one architecture, width, norm and dataset can be compared")
+
+
+def build_from_checkpoint(ckpt: Checkpoint, device: torch.device | str = "cpu") -> torch.nn.Module:
+    from .models import build_model
+
+    model = build_model(ckpt.model, ckpt.in_shape, ckpt.num_classes)
+    try:
+        model.load_state_dict(ckpt.state)
+    except RuntimeError as e:
+        raise LmcxError(f"{ckpt.label} does not fit a {ckpt.model.arch} of width {ckpt.model.width:g} "
+                        f"({str(e).splitlines()[0]}); the file's metadata and tensors disagree") from None
+    return model.to(device)
+
+
+def save_train_state(path: str | Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_train_state(path: str | Path) -> dict[str, Any]:
+    """weights_only=True: a crafted pickle cannot run code here."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise LmcxError(f"cannot resume from {path}: {str(e).splitlines()[0]}; delete it and re-run without "
+                        "--resume") from None

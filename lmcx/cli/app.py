@@ -1,0 +1,54 @@
+"""The Typer app and the options every subcommand shares."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .. import __version__
+from ..config import nested, parse_override
+
+app = typer.Typer(
+    name="lmcx",
+    help="Linear mode connectivity experiments: train, match permutations, interpolate, calibrate, analyse.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lmcx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Linear mode connectivity experiments."""
+
+
+# Options shared by subcommands: YAML first, then these flags, then --set.
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override any config key, e.g. --set train.lr=0.1 (repeatable).")]
+OutOption = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory.")]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
+DataRootOption = Annotated[Optional[Path], typer.Option(
+    "--data-root", help="Where datasets live (else $LMCX_DATA_ROOT, else ~/.cache/lmcx/data).")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Redo the step even if its outputs are complete.")]
+
+
+def overrides(flags: dict[str, Any], sets: list[str] | None) -> list[dict[str, Any]]:
+    """Flags given on the command line (dotted key -> value, None = not given), then --set items."""
+    out = []
+    for key, value in flags.items():
+        if value is not None:
+            out.append(nested(key, str(value) if isinstance(value, Path) else value))
+    out += [parse_override(s) for s in sets or []]
+    return out

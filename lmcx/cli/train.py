@@ -1,0 +1,50 @@
+"""`lmcx train`: train one model into a run directory (skipped when already complete)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import (ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOption, SetOption, app,
+                  overrides)
+
+
+@app.command()
+def train(
+    config: ConfigOption = None,
+    width: Annotated[Optional[float], typer.Option(help="Width multiplier (model.width).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (init, data order, augmentation).")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="mlp | vgg11 | vgg16 | resnet20 (model.arch).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset name (data.name).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (train.epochs).")] = None,
+    device: DeviceOption = None,
+    data_root: DataRootOption = None,
+    out: OutOption = None,
+    set_: SetOption = None,
+    force: ForceOption = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last epoch.")] = False,
+) -> None:
+    """Train a model. Writes model.safetensors, meta.json, history.csv, config.yaml, metrics.json.
+
+    Example: lmcx train -c configs/digits_mlp.yaml --width 2 --seed 1
+    """
+    from ..config import TrainJob, load_config, to_dict
+    from ..console import console
+    from ..rundir import run_once
+    from ..train import RUN_OUTPUTS, STATE_FILE, default_run_dir, train as train_model
+
+    job = load_config(TrainJob, config, overrides(
+        {"model.width": width, "seed": seed, "model.arch": arch, "data.name": dataset, "train.epochs": epochs,
+         "device": device, "data.root": data_root, "out": out}, set_))
+    run_dir = Path(job.out) if job.out else default_run_dir(job)
+    resolved = to_dict(job)
+    metrics: dict = {}
+    result = run_once(run_dir, resolved, RUN_OUTPUTS, lambda: metrics.update(train_model(job, run_dir, resume)),
+                      force=force, keep=(STATE_FILE,) if resume else ())
+    if result == "skipped":
+        console.print(f"{run_dir}: already complete (use --force to retrain)")
+    elif result == "busy":
+        console.print(f"{run_dir}: another process is training it; skipped")
+    else:
+        console.print(f"{run_dir}: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}")

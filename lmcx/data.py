@@ -1,0 +1,272 @@
+"""Datasets as uint8 tensors held on the device, batched and augmented there (airbench style).
+
+One registry (`DATASETS`) maps a name to a loader returning uint8 arrays. Each dataset is decoded
+once and cached on disk under `cache_dir()/datasets`, keyed by its source. A deterministic held-out
+split of the training set (the same for every training seed) is reserved for temperature calibration.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig, cache_dir, data_root
+from .errors import LmcxError
+from .io import atomic_path
+
+CALIBRATION_SPLIT_SEED = 20240204  # fixed: every model of an experiment shares one calibration split
+
+
+@dataclass
+class Arrays:
+    """Raw decoded dataset: images uint8 [N, C, H, W], labels int64 [N]."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+
+@dataclass
+class Dataset:
+    """Splits as uint8 image tensors and int64 labels, all on one device, plus normalisation stats."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_calib: torch.Tensor
+    y_calib: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    mean: torch.Tensor  # per channel, in [0, 1] pixel units, from the training split
+    std: torch.Tensor
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in ("train", "calib", "test"):
+            raise ValueError(f"unknown split {name!r}")
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return Dataset(**moved)
+
+    def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> float32, standardised per channel."""
+        x = x_uint8.float().div_(255)
+        return x.sub_(self.mean.view(1, -1, 1, 1)).div_(self.std.view(1, -1, 1, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders: each returns Arrays from a data root (never downloads unless cfg.download)
+
+
+def _load_digits(cfg: DataConfig, root: Path) -> Arrays:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: the offline default
+
+    digits = load_digits()
+    x = np.clip(digits.images * 16, 0, 255).astype(np.uint8)[:, None]  # 0..16 -> 0..255
+    y = digits.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(y))  # fixed 80/20 train/test split
+    cut = int(0.8 * len(y))
+    return Arrays(x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]], 10)
+
+
+def _load_synthetic(cfg: DataConfig, root: Path) -> Arrays:
+    """Class-conditional Gaussian blobs around random prototype images: learnable, tiny, seeded."""
+    s = cfg.synthetic
+    rng = np.random.default_rng(s.seed)
+    prototypes = rng.uniform(40, 215, size=(s.num_classes, *s.shape))
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, s.num_classes, size=n)
+        x = prototypes[y] + rng.normal(0, 40, size=(n, *s.shape))
+        return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+    x_train, y_train = sample(s.train_size)
+    x_test, y_test = sample(s.test_size)
+    return Arrays(x_train, y_train, x_test, y_test, s.num_classes)
+
+
+def _torchvision_loader(cls_name: str, num_classes: int) -> Callable[[DataConfig, Path], Arrays]:
+    def load(cfg: DataConfig, root: Path) -> Arrays:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        splits = []
+        for train in (True, False):
+            try:
+                ds = cls(str(root), train=train, download=cfg.download)
+            except RuntimeError as e:  # torchvision: "Dataset not found. You can use download=True ..."
+                raise LmcxError(
+                    f"{cfg.name} not found under {root} ({str(e).splitlines()[0]}); pass --data-root to "
+                    f"where it is, or set data.download=true"
+                ) from None
+            except OSError as e:
+                raise LmcxError(f"cannot read or download {cfg.name} under {root}: {e}") from None
+            x = np.asarray(ds.data)
+            x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> N, C, H, W
+            splits += [np.ascontiguousarray(x, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)]
+        return Arrays(*splits, num_classes)
+
+    return load
+
+
+def _load_imagefolder(cfg: DataConfig, root: Path) -> Arrays:
+    """Any `train/<class>/*` and `test/<class>/*` tree; class folders sorted by name give the labels."""
+    from PIL import Image
+
+    base = Path(cfg.path).expanduser() if cfg.path else root
+    base = base if base.is_absolute() else root / base
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    classes: list[str] | None = None
+    for split in ("train", "test"):
+        folder = base / split
+        if not folder.is_dir():
+            raise LmcxError(f"imagefolder: {folder} is not a directory; data.path must point at a folder "
+                            "holding train/<class>/ and test/<class>/")
+        names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if classes is None:
+            classes = names
+        elif names != classes:
+            raise LmcxError(f"imagefolder: class folders of {folder} differ from those of train/")
+        images, labels = [], []
+        for label, cls in enumerate(names):
+            for file in sorted((folder / cls).iterdir()):
+                try:
+                    with Image.open(file) as im:
+                        images.append(np.asarray(im.convert("RGB")))
+                except OSError:
+                    raise LmcxError(f"imagefolder: {file} is not a readable image; remove it") from None
+                labels.append(label)
+        if not images:
+            raise LmcxError(f"imagefolder: no images under {folder}")
+        if len({im.shape for im in images}) != 1:
+            raise LmcxError(f"imagefolder: images under {folder} differ in size; resize them to one size first")
+        splits[split] = (np.stack(images).transpose(0, 3, 1, 2).copy(), np.asarray(labels, dtype=np.int64))
+    return Arrays(*splits["train"], *splits["test"], len(classes or []))
+
+
+DATASETS: dict[str, Callable[[DataConfig, Path], Arrays]] = {
+    "digits": _load_digits,
+    "synthetic": _load_synthetic,
+    "mnist": _torchvision_loader("MNIST", 10),
+    "fashion-mnist": _torchvision_loader("FashionMNIST", 10),
+    "cifar10": _torchvision_loader("CIFAR10", 10),
+    "cifar100": _torchvision_loader("CIFAR100", 100),
+    "imagefolder": _load_imagefolder,
+}
+GENERATED = ("digits", "synthetic")  # cheap to make: not cached on disk
+
+
+def _cache_file(cfg: DataConfig, root: Path) -> Path:
+    source = cfg.name
+    if cfg.name == "imagefolder":
+        base = Path(cfg.path).expanduser() if cfg.path else root
+        source += ":" + str((base if base.is_absolute() else root / base).resolve())
+    else:
+        source += ":" + str(root.resolve())
+    key = hashlib.sha1(source.encode()).hexdigest()[:16]
+    return cache_dir() / "datasets" / f"{cfg.name}-{key}.npz"
+
+
+def load_arrays(cfg: DataConfig) -> Arrays:
+    """Decode a dataset once; later calls read the uint8 cache."""
+    if cfg.name not in DATASETS:
+        raise LmcxError(f"unknown dataset {cfg.name!r}; choose one of {', '.join(DATASETS)}")
+    root = data_root(cfg.root)
+    if cfg.name in GENERATED:
+        return DATASETS[cfg.name](cfg, root)
+    cache = _cache_file(cfg, root)
+    if cache.exists():
+        try:
+            with np.load(cache) as f:
+                return Arrays(f["x_train"], f["y_train"], f["x_test"], f["y_test"], int(f["num_classes"]))
+        except (OSError, ValueError, KeyError):
+            cache.unlink(missing_ok=True)  # a corrupt cache is rebuilt from the source
+    arrays = DATASETS[cfg.name](cfg, root)
+    try:
+        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+            np.savez(f, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test,
+                     y_test=arrays.y_test, num_classes=arrays.num_classes)
+    except LmcxError:
+        pass  # caching is an optimisation: an unwritable cache directory must not stop the run
+    return arrays
+
+
+def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
+    """Arrays -> train / calibration / test tensors on `device`."""
+    a = load_arrays(cfg)
+    n = len(a.y_train)
+    if cfg.calib_size >= n:
+        raise LmcxError(f"data.calib_size={cfg.calib_size} leaves no training images ({n} in {cfg.name}); "
+                        "lower it")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(CALIBRATION_SPLIT_SEED))
+    calib_idx, train_idx = order[: cfg.calib_size], order[cfg.calib_size:].sort().values
+    if cfg.train_size is not None:
+        train_idx = train_idx[: cfg.train_size]
+    x = torch.from_numpy(a.x_train)
+    y = torch.from_numpy(a.y_train)
+    x_train = x[train_idx]
+    pixels = x_train.float().div(255)
+    mean = pixels.mean(dim=(0, 2, 3))
+    std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    ds = Dataset(cfg.name, x_train, y[train_idx], x[calib_idx], y[calib_idx],
+                 torch.from_numpy(a.x_test), torch.from_numpy(a.y_test), a.num_classes, mean, std)
+    return ds.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching and augmentation on the device
+
+
+def augment(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding plus horizontal flip, for a whole uint8 batch at once."""
+    n, c, h, w = x.shape
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    padded = F.pad(x, (padding, padding, padding, padding))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Data order and augmentation of an epoch depend only on (seed, epoch): resuming needs no RNG state."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def train_batches(
+    ds: Dataset, batch_size: int, generator: torch.Generator, augment_cfg: DataConfig | None = None,
+    rank: int = 0, world_size: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled training batches (normalised float inputs, labels). Under DDP each rank takes its
+    slice of every global batch, so the global batch is the same as in a single process."""
+    n = len(ds.y_train)
+    order = torch.randperm(n, generator=generator).to(ds.x_train.device)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size][rank::world_size]
+        x = ds.x_train[idx]
+        if augment_cfg is not None and augment_cfg.augment:
+            x = augment(x, augment_cfg.crop_padding, generator)
+        yield ds.normalize(x), ds.y_train[idx]
+
+
+def eval_batches(ds: Dataset, x: torch.Tensor, y: torch.Tensor, batch_size: int
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(y), batch_size):
+        yield ds.normalize(x[start:start + batch_size]), y[start:start + batch_size]
