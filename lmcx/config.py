@@ -182,6 +182,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise LmcxError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LmcxError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -1,0 +1,34 @@
+"""`lmcx evaluate`: loss and accuracy of a checkpoint on a split of its dataset."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import DataRootOption, DeviceOption, app
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="model.safetensors or a run directory.")],
+    split: Annotated[str, typer.Option(help="train | calib | test.")] = "test",
+    device: DeviceOption = None,
+    data_root: DataRootOption = None,
+) -> None:
+    """Print a checkpoint's loss and accuracy as JSON. Example: lmcx evaluate outputs/train/digits-mlp-none-w1-s0"""
+    from ..checkpoint import build_from_checkpoint, load_checkpoint
+    from ..data import load_dataset
+    from ..errors import LmcxError
+    from ..train import evaluate as evaluate_model, resolve_device
+
+    if split not in ("train", "calib", "test"):
+        raise LmcxError(f"--split {split!r}: choose train, calib or test")
+    ckpt = load_checkpoint(model)
+    if data_root is not None:
+        ckpt.data.root = str(data_root)
+    dev = resolve_device(device or "auto")
+    ds = load_dataset(ckpt.data, dev)
+    result = evaluate_model(build_from_checkpoint(ckpt, dev), ds, split)
+    typer.echo(json.dumps({"model": str(ckpt.path), "split": split, **result}))
