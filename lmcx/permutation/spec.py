@@ -114,3 +114,33 @@ def invert_permutation(perm: Mapping[str, Permutation]) -> dict[str, Permutation
 def compose_permutations(first: Mapping[str, Permutation], then: Mapping[str, Permutation]) -> dict[str, Permutation]:
     """The permutation equal to applying `first`, then `then`."""
     return {k: first[k][then[k]] for k in first}
+
+
+# ---------------------------------------------------------------------------------------------
+# Permutation files: JSON {"format": "lmcx-permutation", "permutations": {name: [indices]}}, readable
+# and diffable. `load_permutation_file` checks the file against a model before anything uses it.
+
+
+def save_permutation_file(path, perm: Mapping[str, Permutation], info: dict | None = None) -> None:
+    from ..io import write_json
+
+    write_json(path, {"format": "lmcx-permutation", "info": info or {},
+                      "permutations": {k: [int(i) for i in v.tolist()] for k, v in perm.items()}})
+
+
+def load_permutation_file(path, spec: PermutationSpec, params: StateDict) -> dict[str, Permutation]:
+    from ..io import read_json
+
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("format") != "lmcx-permutation" or \
+            not isinstance(data.get("permutations"), dict):
+        raise LmcxError(f"{path} is not an lmcx permutation file; use one written by `lmcx match`")
+    try:
+        perm = {k: torch.tensor(v, dtype=torch.long) for k, v in data["permutations"].items()}
+    except (TypeError, ValueError):
+        raise LmcxError(f"{path}: permutations must be lists of integers") from None
+    try:
+        check_permutation(spec, perm, params)
+    except LmcxError as e:
+        raise LmcxError(f"{path}: {e}") from None
+    return perm
