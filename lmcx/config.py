@@ -129,6 +129,43 @@ class LewcConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# Experiments: `lmcx run` (every step is an ordinary subcommand call with its own run directory)
+
+METHODS = ("wm", "am", "ste")
+ANALYSES = ("svd", "lewc")
+
+
+@dataclass
+class ThreeModelConfig:
+    """[A]'s protocol: match each of `others` to `anchor`, then measure the barrier between the two
+    permuted non-anchor models, which were never matched to each other."""
+
+    anchor: int = 0  # seed of the anchor model
+    others: list[int] = field(default_factory=lambda: [1, 2])
+    methods: list[str] = field(default_factory=lambda: ["wm", "ste"])
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    out: str | None = None  # default outputs/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # model.width is replaced by each of `widths`
+    train: TrainConfig = field(default_factory=TrainConfig)
+    widths: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    pairs: Any = "all"  # "all" | "consecutive" | list of [seed_a, seed_b]
+    methods: list[str] = field(default_factory=lambda: ["wm"])  # naive is always included
+    match: MatchConfig = field(default_factory=MatchConfig)
+    interpolate: InterpolateConfig = field(default_factory=lambda: InterpolateConfig(calibrate=True))
+    analyses: list[str] = field(default_factory=lambda: list(ANALYSES))
+    svd: SvdConfig = field(default_factory=SvdConfig)
+    lewc: LewcConfig = field(default_factory=LewcConfig)
+    three_models: ThreeModelConfig | None = None
+    device: str = "auto"
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading and validation
 
 
@@ -336,7 +373,42 @@ def validate(cfg: Any, prefix: str = "") -> None:
     elif isinstance(cfg, LewcConfig):
         _require(all(0 <= x <= 1 for x in cfg.lambdas) and cfg.lambdas, f"{p}lambdas", "each λ must be in [0, 1]")
         _require(cfg.samples > 0, f"{p}samples", "must be > 0")
+    elif isinstance(cfg, ExperimentConfig):
+        _validate_experiment(cfg)
     _validate_fields(cfg, prefix)
+
+
+def _validate_experiment(cfg: ExperimentConfig) -> None:
+    """Everything that would otherwise fail half-way through a sweep fails here, before any training."""
+    _require(bool(cfg.widths), "widths", "list at least one width multiplier, e.g. widths: [1, 2]")
+    _require(all(w > 0 for w in cfg.widths), "widths", f"every width must be > 0, got {cfg.widths}")
+    _require(len(cfg.seeds) >= 2, "seeds", "list at least two seeds (a pair of models), e.g. seeds: [0, 1]")
+    _require(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", f"seeds repeat: {cfg.seeds}")
+    _require(len(set(cfg.widths)) == len(cfg.widths), "widths", f"widths repeat: {cfg.widths}")
+    for m in cfg.methods:
+        _require(m in METHODS, "methods", f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for a in cfg.analyses:
+        _require(a in ANALYSES, "analyses", f"unknown analysis {a!r}; choose from {', '.join(ANALYSES)}")
+    _require(cfg.name != "" and "/" not in cfg.name, "name", "must be a non-empty name without '/'")
+    pairs = cfg.pairs
+    if isinstance(pairs, str):
+        _require(pairs in ("all", "consecutive"), "pairs", "must be all, consecutive, or a list of [seed_a, seed_b]")
+    else:
+        _require(isinstance(pairs, list) and len(pairs) > 0, "pairs",
+                 "must be all, consecutive, or a list of [seed_a, seed_b]")
+        for pair in pairs:
+            _require(isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, int) for s in pair)
+                     and pair[0] != pair[1], "pairs", f"{pair!r} is not a pair of two different seeds")
+            for s in pair:
+                _require(s in cfg.seeds, "pairs", f"pair {pair} refers to seed {s}, which is not in seeds {cfg.seeds}")
+    if cfg.three_models is not None:
+        t = cfg.three_models
+        for s in [t.anchor, *t.others]:
+            _require(s in cfg.seeds, "three_models", f"seed {s} is not in seeds {cfg.seeds}")
+        _require(len(t.others) >= 2 and t.anchor not in t.others, "three_models.others",
+                 "list at least two seeds other than the anchor")
+        for m in t.methods:
+            _require(m in METHODS, "three_models.methods", f"unknown method {m!r}; choose from {', '.join(METHODS)}")
 
 
 def data_root(configured: str | None) -> Path:
