@@ -1,0 +1,112 @@
+"""VGG-11 and VGG-16, CIFAR variants: 3x3 conv stacks with max-pools, global average pool, one Linear.
+
+Channels are 64/128/256/512 times width. Works on any input size: a max-pool is skipped once the
+feature map is 1 pixel wide, and adaptive average pooling to 1x1 makes the classifier's input size
+independent of the image size.
+
+Parameter names: `features.{i}.conv.{weight,bias}`, `features.{i}.norm.*`, `classifier.{weight,bias}`
+(i counts conv layers, pools do not get an index). Permutations: `features.{i}` (output channels of conv i).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from ..config import ModelConfig
+from ..permutation.spec import PermutationSpec, permutation_spec_from_axes
+
+# Output channels of each conv at width 1; "M" = 2x2 max-pool after the preceding conv.
+LAYOUTS: dict[str, list[int | str]] = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+def _convs(cfg: ModelConfig) -> list[tuple[int, bool]]:
+    """(base channels, followed by a max-pool in the layout) for each conv layer."""
+    layout = LAYOUTS[cfg.arch]
+    return [(c, i + 1 < len(layout) and layout[i + 1] == "M") for i, c in enumerate(layout) if c != "M"]
+
+
+# HeConv2d, norm2d and norm_axes are shared with resnet.py.
+class HeConv2d(nn.Conv2d):
+    """Conv2d initialised with He (kaiming normal, fan-in) weights and zero bias. He init keeps the
+    activation scale constant through 13 ReLU convs, so deep models without normalisation still
+    train (PyTorch's default init shrinks it at every layer). Overriding reset_parameters, rather
+    than re-initialising afterwards, also saves running the default init at large widths."""
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+def norm2d(norm: str, channels: int) -> nn.Module:
+    if norm == "bn":
+        return nn.BatchNorm2d(channels)
+    if norm == "ln":
+        # One group = normalise over (C, H, W) like LayerNorm, but with a per-channel affine, so
+        # permuting channels permutes the affine parameters and nothing else (LayerNorm([C, H, W])
+        # would tie the affine to pixel positions and to the image size).
+        return nn.GroupNorm(1, channels)
+    return nn.Identity()  # keeps module names the same for every norm choice; holds no state
+
+
+def norm_axes(prefix: str, norm: str, perm: str) -> dict[str, tuple[str | None, ...]]:
+    """Every parameter and buffer of a norm layer is per-channel; num_batches_tracked is not."""
+    names = {"bn": ["weight", "bias", "running_mean", "running_var"], "ln": ["weight", "bias"]}.get(norm, [])
+    return {f"{prefix}.{n}": (perm,) for n in names}
+
+
+class VGG(nn.Module):
+    def __init__(self, cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int):
+        super().__init__()
+        c_in, h, w = in_shape
+        blocks = []
+        for base, pool in _convs(cfg):
+            c_out = max(1, round(base * cfg.width))
+            parts: OrderedDict[str, nn.Module] = OrderedDict(
+                conv=HeConv2d(c_in, c_out, 3, padding=1, bias=cfg.bias),
+                norm=norm2d(cfg.norm, c_out),
+                relu=nn.ReLU(),  # named, so f_l (pre-pool) can be hooked
+            )
+            if pool and min(h, w) >= 2:  # small images run out of pixels before the layout does
+                parts["pool"] = nn.MaxPool2d(2)
+                h, w = h // 2, w // 2
+            blocks.append(nn.Sequential(parts))
+            c_in = c_out
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(c_in, num_classes, bias=cfg.bias)  # PyTorch's default init
+
+    def forward(self, x):
+        return self.classifier(self.flatten(self.pool(self.features(x))))
+
+
+def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    return VGG(cfg, in_shape, num_classes)
+
+
+def permutation_spec(cfg: ModelConfig) -> PermutationSpec:
+    axes: dict[str, tuple[str | None, ...]] = {}
+    activations: dict[str, list[str]] = {}
+    prev = None  # input channels are never permuted
+    for i in range(len(_convs(cfg))):
+        p = f"features.{i}"
+        # Conv weight is [out, in, kh, kw]; pooling keeps channels, so the next conv reads p.
+        axes[f"features.{i}.conv.weight"] = (p, prev, None, None)
+        if cfg.bias:
+            axes[f"features.{i}.conv.bias"] = (p,)
+        axes.update(norm_axes(f"features.{i}.norm", cfg.norm, p))
+        activations[p] = [f"features.{i}.relu"]
+        prev = p
+    axes["classifier.weight"] = (None, prev)  # after the 1x1 average pool, features = channels
+    if cfg.bias:
+        axes["classifier.bias"] = (None,)
+    return permutation_spec_from_axes(axes, activations)
+
+
+def feature_points(cfg: ModelConfig) -> list[str]:
+    return [f"features.{i}.relu" for i in range(len(_convs(cfg)))] + ["classifier"]
