@@ -118,14 +118,23 @@ class InterpolateConfig:
 
 @dataclass
 class SvdConfig:
-    gammas: list[float] = field(default_factory=lambda: [0.0, 0.3])
+    """`lmcx analyze-svd` (lmcx/analysis/svd.py)."""
+
+    gammas: list[float] = field(default_factory=lambda: [0.0, 0.3])  # R(γ): top-k with s_i/s_1 >= γ
     weighted: bool = False  # also report the singular-value-weighted alignment
+    wm_seed: int = 0  # weight matching run on the fly when no permutation is given
+    wm_max_iter: int = 100
 
 
 @dataclass
 class LewcConfig:
+    """`lmcx lewc` (lmcx/analysis/lewc.py). λ convention: θ(λ) = (1 − λ) θ_A + λ θ_B."""
+
     lambdas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
-    samples: int = 1000
+    samples: int = 1000  # the first `samples` test images
+    batch_size: int = 250  # images per forward pass (lower it for wide conv nets)
+    norm_fix_batches: int = 10  # training batches for BN reset / REPAIR statistics of each θ(λ)
+    norm_fix_batch_size: int = 500
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,9 +379,13 @@ def validate(cfg: Any, prefix: str = "") -> None:
         _require(cfg.norm_fix_batches > 0, f"{p}norm_fix_batches", "must be > 0")
     elif isinstance(cfg, SvdConfig):
         _require(all(0 <= g <= 1 for g in cfg.gammas) and cfg.gammas, f"{p}gammas", "each γ must be in [0, 1]")
+        _require(cfg.wm_max_iter > 0, f"{p}wm_max_iter", "must be > 0")
     elif isinstance(cfg, LewcConfig):
         _require(all(0 <= x <= 1 for x in cfg.lambdas) and cfg.lambdas, f"{p}lambdas", "each λ must be in [0, 1]")
         _require(cfg.samples > 0, f"{p}samples", "must be > 0")
+        _require(cfg.batch_size > 0, f"{p}batch_size", "must be > 0")
+        _require(cfg.norm_fix_batches > 0, f"{p}norm_fix_batches", "must be > 0")
+        _require(cfg.norm_fix_batch_size > 0, f"{p}norm_fix_batch_size", "must be > 0")
     elif isinstance(cfg, ExperimentConfig):
         _validate_experiment(cfg)
     _validate_fields(cfg, prefix)

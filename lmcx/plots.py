@@ -36,9 +36,121 @@ def save_figure(fig, path: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # SVD analysis (owner: analysis)
 
+MODEL_A_COLOR, MODEL_B_COLOR = "#000000", "#d62728"
+SERIES_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+
+
+def _short_layer(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def plot_svd_spectra(layers: list[dict], path: str | Path) -> None:
+    """Small multiples, one per layer weight: singular values of A and B (log scale). π(B) has B's
+    spectrum (a permutation never changes singular values), so it is not drawn separately."""
+    n = len(layers)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, layer in zip(axes.flat, layers):
+        sv = layer["singular_values"]
+        ax.semilogy(range(1, len(sv["a"]) + 1), sv["a"], color=MODEL_A_COLOR, lw=1.2, label="A")
+        ax.semilogy(range(1, len(sv["b"]) + 1), sv["b"], color=MODEL_B_COLOR, lw=1.2, ls="--", label="B = π(B)")
+        ax.set_title(f"{_short_layer(layer['name'])} {'x'.join(map(str, layer['matrix_shape']))}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, which="both", lw=0.4)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, frameon=False)
+    fig.supxlabel("index i", fontsize=9)
+    fig.supylabel("singular value s_i", fontsize=9)
+    fig.suptitle("Singular values per layer (B and π(B) coincide)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_svd_alignment(layers: list[dict], path: str | Path, weighted: bool = False) -> None:
+    """R(γ) per layer: A vs π(B) solid, A vs B (no permutation) dashed, one colour per γ; with
+    `weighted`, a second panel for the singular-value-weighted R_w(γ)."""
+    panels = [("", "R(γ)")] + ([("_weighted", "weighted R_w(γ)")] if weighted else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.0, 0.45 * len(layers) + 2.5) * len(panels), 3.6),
+                             squeeze=False)
+    x = list(range(1, len(layers) + 1))
+    gammas = [a["gamma"] for a in layers[0]["alignment"]]
+    for ax, (suffix, title) in zip(axes.flat, panels):
+        for i, g in enumerate(gammas):
+            color = SERIES_COLORS[i % len(SERIES_COLORS)]
+            perm = [layer["alignment"][i]["permuted" + suffix] for layer in layers]
+            naive = [layer["alignment"][i]["naive" + suffix] for layer in layers]
+            ax.plot(x, perm, color=color, marker="o", ms=3, lw=1.5, label=f"γ={g:g} π(B)")
+            ax.plot(x, naive, color=color, marker="o", ms=3, lw=1.0, ls="--", alpha=0.8, label=f"γ={g:g} B")
+            ax.annotate(f"γ={g:g}", (x[-1], perm[-1]), xytext=(4, 0), textcoords="offset points", color=color,
+                        fontsize=7, va="center")
+        ax.axhline(0, color="#999999", lw=0.6)
+        ax.set_xticks(x, [_short_layer(layer["name"]) for layer in layers], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel(title)
+        ax.set_title(f"{title}: A vs π(B) (solid) and A vs B (dashed)", fontsize=9)
+        ax.grid(alpha=0.3, lw=0.4)
+        ax.legend(fontsize=7, frameon=False, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 
 # ---------------------------------------------------------------------------------------------
 # LEWC (owner: analysis)
+
+
+def _lambda_colors(n: int) -> list:
+    cmap = plt.get_cmap("viridis")
+    return [cmap(0.1 + 0.75 * i / max(1, n - 1)) for i in range(n)]
+
+
+def plot_lewc_cosine(layers: list[dict], path: str | Path) -> None:
+    """Cosine similarity of the merged model's f_ℓ with LEWC's prediction (solid) and LLFC's (dashed)
+    per layer ℓ, one colour per λ. θ(λ) = (1 − λ) θ_A + λ θ_B."""
+    lambdas = [e["lambda"] for e in layers[0]["lambdas"]]
+    x = [layer["index"] for layer in layers]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.4 * len(x) + 3), 3.6))
+    for j, (lam, color) in enumerate(zip(lambdas, _lambda_colors(len(lambdas)))):
+        lewc = [layer["lambdas"][j]["cos_lewc"] for layer in layers]
+        llfc = [layer["lambdas"][j]["cos_llfc"] for layer in layers]
+        ax.plot(x, lewc, color=color, marker="o", ms=3, lw=1.6, label=f"λ={lam:g} LEWC")
+        ax.plot(x, llfc, color=color, marker="s", ms=3, lw=1.0, ls="--", label=f"λ={lam:g} LLFC")
+    ax.set_xticks(x, [str(i) for i in x])
+    ax.set_xlabel("layer ℓ (from the input; last = logits)")
+    ax.set_ylabel("cosine similarity with prediction")
+    ax.set_title("Merged features vs LEWC (solid) and LLFC (dashed); θ(λ) = (1−λ)θ_A + λθ_B", fontsize=9)
+    ax.grid(alpha=0.3, lw=0.4)
+    ax.legend(fontsize=7, frameon=False, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_lewc_coefficients(layers: list[dict], path: str | Path) -> None:
+    """One panel per λ: fitted α (weight of f(A)) and β (weight of f(B)) per layer, against LEWC's
+    ((1 − λ)^ℓ, λ^ℓ) (solid) and LLFC's (1 − λ, λ) (dashed). Unidentifiable fits are left out."""
+    lambdas = [e["lambda"] for e in layers[0]["lambdas"]]
+    x = [layer["index"] for layer in layers]
+    fig, axes = plt.subplots(1, len(lambdas), figsize=(3.6 * len(lambdas), 3.4), squeeze=False, sharey=True)
+    colors = {"alpha": MODEL_A_COLOR, "beta": MODEL_B_COLOR}
+    for ax, (j, lam) in zip(axes.flat, enumerate(lambdas)):
+        for key, label in (("alpha", "α (A)"), ("beta", "β (B)")):
+            fitted = [layer["lambdas"][j][key] for layer in layers]
+            fitted = [float("nan") if v is None else v for v in fitted]
+            ax.plot(x, fitted, color=colors[key], marker="o", ms=4, lw=0, label=f"fitted {label}")
+            ax.plot(x, [layer["lambdas"][j][f"lewc_{key}"] for layer in layers], color=colors[key], lw=1.2,
+                    label=f"LEWC {label}")
+            ax.plot(x, [layer["lambdas"][j][f"llfc_{key}"] for layer in layers], color=colors[key], lw=1.0,
+                    ls="--", alpha=0.7, label=f"LLFC {label}")
+        ax.set_title(f"λ = {lam:g}", fontsize=9)
+        ax.set_xticks(x, [str(i) for i in x], fontsize=7)
+        ax.set_xlabel("layer ℓ")
+        ax.grid(alpha=0.3, lw=0.4)
+    axes.flat[0].set_ylabel("coefficient")
+    axes.flat[0].legend(fontsize=6, frameon=False)
+    fig.suptitle("Least squares f_ℓ(θ(λ)) ≈ α f_ℓ(A) + β f_ℓ(B), θ(λ) = (1−λ)θ_A + λθ_B", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,76 @@
-"""`lmcx analyze-svd`."""
+"""`lmcx analyze-svd`: singular values, L2 distances and singular-vector alignment of A vs B and π(B)."""
 from __future__ import annotations
 
-from ..errors import LmcxError
-from .app import app
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import ConfigOption, DeviceOption, ForceOption, OutOption, SetOption, app, overrides
+
+
+def pair_tag(a: Path, b: Path) -> str:
+    """`<run of A>-vs-<run of B>` for default output directories."""
+    def tag(p: Path) -> str:
+        return p.name if p.is_dir() else (p.parent.name if p.name == "model.safetensors" else p.stem)
+    return f"{tag(a)}-vs-{tag(b)}"
 
 
 @app.command("analyze-svd")
-def analyze_svd() -> None:
-    """Not implemented yet."""
-    raise LmcxError("`lmcx analyze-svd` is not implemented yet")
+def analyze_svd(
+    a: Annotated[Path, typer.Option("--a", help="Model A: model.safetensors or a run directory.")],
+    b: Annotated[Path, typer.Option("--b", help="Model B (as trained).")],
+    perm: Annotated[Optional[Path], typer.Option("--perm", help="Permutation file for B (lmcx match).")] = None,
+    b_permuted: Annotated[Optional[Path], typer.Option("--b-permuted", help="Already permuted checkpoint of B.")] = None,
+    gamma: Annotated[Optional[list[float]], typer.Option(
+        "--gamma", help="γ of R(γ): top-k with s_i/s_1 >= γ (repeatable; default 0 and 0.3).")] = None,
+    weighted: Annotated[bool, typer.Option("--weighted", help="Also report the singular-value-weighted R_w(γ).")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    out: OutOption = None,
+    device: DeviceOption = None,
+    force: ForceOption = False,
+) -> None:
+    """SVD analysis of weight matching ([A]): per layer weight, singular values of A, B and π(B), L2
+    distances A–B and A–π(B), and alignment R(γ) of A's singular vectors with B's and π(B)'s.
+
+    π(B) comes from --perm or --b-permuted; with neither, weight matching (seed svd.wm_seed) is computed
+    here. Writes svd.csv, svd_spectra.png, svd_alignment.png and svd.json (last). A config file holds
+    SvdConfig keys (gammas, weighted, wm_seed, wm_max_iter).
+
+    Example: lmcx analyze-svd --a outputs/train/a --b outputs/train/b --perm outputs/match/perm.json
+    """
+    from ..analysis.svd import SVD_OUTPUTS, analyze_svd_checkpoints
+    from ..config import SvdConfig, load_config, to_dict
+    from ..console import console
+    from ..errors import LmcxError
+    from ..rundir import run_once
+
+    if perm is not None and b_permuted is not None:
+        raise LmcxError("give either --perm or --b-permuted, not both")
+    cfg = load_config(SvdConfig, config, overrides({"gammas": list(gamma) if gamma else None,
+                                                    "weighted": True if weighted else None}, set_))
+    run_dir = out or Path("outputs") / "svd" / pair_tag(a, b)
+    resolved = {"a": str(a), "b": str(b), "perm": str(perm) if perm else None,
+                "b_permuted": str(b_permuted) if b_permuted else None, "svd": to_dict(cfg),
+                "device": device or "auto"}
+    result: dict = {}
+    status = run_once(run_dir, resolved, SVD_OUTPUTS, lambda: result.update(analyze_svd_checkpoints(
+        a, b, cfg, run_dir, perm_path=perm, b_permuted_path=b_permuted, device=device or "auto")),
+        force=force, marker="svd.json")
+    if status == "skipped":
+        console.print(f"{run_dir}: already complete (use --force to redo)")
+        return
+    if status == "busy":
+        console.print(f"{run_dir}: another process is working on it; skipped")
+        return
+    totals = result["totals"]
+    console.print(f"permutation: {result['settings']['permutation']['note']}", markup=False)
+    for entry in totals["mean_alignment"]:
+        console.print(f"mean R(γ={entry['gamma']:g}): B {entry['naive']:.3f}, π(B) {entry['permuted']:.3f}",
+                      markup=False)
+    l2 = totals["l2"]["parameters"]
+    console.print(f"L2 distance: A–B {l2['a_b']:.4g}, A–π(B) {l2['a_permuted_b']:.4g} "
+                  f"({100 * l2['relative_reduction']:.1f}% reduction); "
+                  f"max relative singular-value difference B vs π(B) {totals['max_rel_sv_diff']:.2e}", markup=False)
+    console.print(f"{run_dir}: svd.json, svd.csv, svd_spectra.png, svd_alignment.png", markup=False)
