@@ -275,3 +275,40 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
         write_json(run_dir / "metrics.json", metrics)
         state_path.unlink(missing_ok=True)
     return metrics
+
+
+def train_run(job: TrainJob, run_dir: str | Path, *, force: bool = False, resume: bool = False,
+              wait: bool = False) -> tuple[str, dict[str, Any]]:
+    """Train into `run_dir` unless it is complete (see rundir.run_once): ("done" | "skipped" | "busy", metrics);
+    ("worker", {}) on ranks other than 0.
+
+    Under torchrun, rank 0 alone owns the run directory and tells the other ranks whether to train.
+    """
+    from .rundir import run_once
+
+    dist = Distributed.from_env()
+    metrics: dict[str, Any] = {}
+
+    def tell_ranks(decision: str) -> None:
+        if dist.world_size > 1:
+            torch.distributed.broadcast_object_list([decision], src=0)
+
+    def step() -> None:
+        tell_ranks("train")
+        metrics.update(train(job, run_dir, resume))
+
+    if not dist.is_main:
+        decision = [None]
+        torch.distributed.broadcast_object_list(decision, src=0)
+        if decision[0] == "train":
+            train(job, run_dir, resume)
+        return "worker", metrics
+    try:
+        status = run_once(run_dir, to_dict(job), RUN_OUTPUTS, step, force=force, wait=wait,
+                          keep=(STATE_FILE,) if resume else ())
+    except LmcxError:
+        tell_ranks("failed")
+        raise
+    if status != "done":
+        tell_ranks(status)
+    return status, metrics

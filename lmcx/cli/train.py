@@ -29,22 +29,18 @@ def train(
 
     Example: lmcx train -c configs/digits_mlp.yaml --width 2 --seed 1
     """
-    from ..config import TrainJob, load_config, to_dict
+    from ..config import TrainJob, load_config
     from ..console import console
-    from ..rundir import run_once
-    from ..train import RUN_OUTPUTS, STATE_FILE, default_run_dir, train as train_model
+    from ..train import default_run_dir, train_run
 
     job = load_config(TrainJob, config, overrides(
         {"model.width": width, "seed": seed, "model.arch": arch, "data.name": dataset, "train.epochs": epochs,
          "device": device, "data.root": data_root, "out": out}, set_))
     run_dir = Path(job.out) if job.out else default_run_dir(job)
-    resolved = to_dict(job)
-    metrics: dict = {}
-    result = run_once(run_dir, resolved, RUN_OUTPUTS, lambda: metrics.update(train_model(job, run_dir, resume)),
-                      force=force, keep=(STATE_FILE,) if resume else ())
+    result, metrics = train_run(job, run_dir, force=force, resume=resume)
     if result == "skipped":
         console.print(f"{run_dir}: already complete (use --force to retrain)")
     elif result == "busy":
         console.print(f"{run_dir}: another process is training it; skipped")
-    else:
+    elif result == "done":
         console.print(f"{run_dir}: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}")
