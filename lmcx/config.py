@@ -108,11 +108,20 @@ class MatchConfig:
 
 @dataclass
 class InterpolateConfig:
+    """`lmcx interpolate` / `lmcx calibrate` (lmcx/interpolate.py, lmcx/calibrate.py).
+
+    θ(λ) = (1 − λ) θ_A + λ θ_B, λ = 0 is A. The grid always holds 0, ½ and 1 (added when missing):
+    barriers need both endpoints and [B]'s tables the midpoint.
+    """
+
     points: int = 25  # evenly spaced λ in [0, 1]
     lambdas: list[float] | None = None  # explicit grid; overrides `points`
     norm_fix: Literal["auto", "reset", "repair", "none"] = "auto"  # auto: reset for BN models, else none
     train_eval_size: int = 5000  # training images the train-split curve is measured on
     norm_fix_batches: int = 10  # training batches for BN reset / REPAIR statistics
+    norm_fix_batch_size: int = 500
+    eval_batch_size: int = 2000  # images per forward pass when evaluating θ(λ)
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"  # fp32: barriers are small differences of losses
     calibrate: bool = False
 
 
@@ -373,10 +382,13 @@ def validate(cfg: Any, prefix: str = "") -> None:
     elif isinstance(cfg, InterpolateConfig):
         _require(cfg.points >= 2, f"{p}points", f"must be >= 2, got {cfg.points}")
         if cfg.lambdas is not None:
-            _require(len(cfg.lambdas) >= 2 and all(0 <= x <= 1 for x in cfg.lambdas), f"{p}lambdas",
-                     "must hold at least two values, each in [0, 1]")
+            outside = [x for x in cfg.lambdas if not 0 <= x <= 1]
+            _require(not outside, f"{p}lambdas", f"every λ must be in [0, 1] (λ = 0 is A, 1 is B), got {outside}")
+            _require(len(cfg.lambdas) >= 2, f"{p}lambdas", "must hold at least two values, each in [0, 1]")
         _require(cfg.train_eval_size > 0, f"{p}train_eval_size", "must be > 0")
         _require(cfg.norm_fix_batches > 0, f"{p}norm_fix_batches", "must be > 0")
+        _require(cfg.norm_fix_batch_size >= 2, f"{p}norm_fix_batch_size", "must be >= 2 (batch statistics)")
+        _require(cfg.eval_batch_size > 0, f"{p}eval_batch_size", "must be > 0")
     elif isinstance(cfg, SvdConfig):
         _require(all(0 <= g <= 1 for g in cfg.gammas) and cfg.gammas, f"{p}gammas", "each γ must be in [0, 1]")
         _require(cfg.wm_max_iter > 0, f"{p}wm_max_iter", "must be > 0")

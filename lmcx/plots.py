@@ -33,6 +33,50 @@ def save_figure(fig, path: str | Path) -> None:
 # Interpolation curves (owner: interpolate)
 
 
+def plot_interpolation(lambdas, series: dict, path: str | Path, *, title: str = "",
+                       splits=("test", "train")) -> None:
+    """Loss (top) and accuracy (bottom) against λ, one column per split, one colour per label.
+
+    `series[label][split]` = {"loss": [...], "accuracy": [...] (fractions), "calibrated_loss": [...] or None}.
+    Raw loss solid with markers, calibrated loss dashed in the same colour; λ = 0 is A, λ = 1 is B."""
+    from matplotlib.lines import Line2D
+
+    splits = list(splits)
+    fig, axes = plt.subplots(2, len(splits), figsize=(5.0 * len(splits), 7.0), sharex=True, squeeze=False)
+    any_calibrated = False
+    handles = []
+    for i, (label, per_split) in enumerate(series.items()):
+        color = method_color(label, i)
+        handles.append(Line2D([], [], color=color, lw=2.2, marker="o", ms=4, label=label))
+        for j, split in enumerate(splits):
+            d = per_split.get(split)
+            if d is None:
+                continue
+            ax_loss, ax_acc = axes[0, j], axes[1, j]
+            ax_loss.plot(lambdas, d["loss"], color=color, lw=2.2, marker="o", ms=3.5, zorder=3)
+            if d.get("calibrated_loss"):
+                any_calibrated = True
+                ax_loss.plot(lambdas, d["calibrated_loss"], color=color, lw=1.8, ls="--", zorder=2)
+            ax_acc.plot(lambdas, [100 * a for a in d["accuracy"]], color=color, lw=2.2, marker="o", ms=3.5)
+    for j, split in enumerate(splits):
+        axes[0, j].set_title(f"{split} split", fontsize=12)
+        axes[0, j].set_ylabel("loss (cross-entropy)")
+        axes[1, j].set_ylabel("accuracy (%)")
+        axes[1, j].set_xlabel("λ   (0 = model A, 1 = model B)")
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3)
+            ax.set_xlim(0, 1)
+    if any_calibrated:
+        handles += [Line2D([], [], color="black", lw=2.2, label="raw loss"),
+                    Line2D([], [], color="black", lw=1.8, ls="--", label="calibrated loss (fitted T)")]
+    fig.tight_layout(rect=(0, 0, 1, 0.91 if title else 0.94))
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), frameon=False,
+               bbox_to_anchor=(0.5, 0.955 if title else 1.0), fontsize=11)
+    if title:
+        fig.suptitle(title, y=0.995, fontsize=12)
+    save_figure(fig, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # SVD analysis (owner: analysis)
 

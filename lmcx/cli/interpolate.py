@@ -1,11 +1,136 @@
-"""`lmcx interpolate`."""
+"""`lmcx interpolate`: loss and accuracy along θ(λ) = (1 − λ)θ_A + λθ_B, barriers, optional calibration."""
 from __future__ import annotations
 
-from ..errors import LmcxError
-from .app import app
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOption, SetOption, app, overrides
+
+
+def _default_label(b: Path, perm: str | None) -> str:
+    """naive for a B used as trained; else the matching method recorded in the permutation file or the
+    permuted checkpoint (lmcx match), else `permuted`."""
+    import json
+
+    from ..checkpoint import resolve_model_path
+
+    info: dict = {}
+    try:
+        if perm is not None:
+            info = json.loads(Path(perm).read_text()).get("info") or {}
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(resolve_model_path(b)), "pt") as f:
+                info = json.loads((f.metadata() or {}).get("lmcx", "{}")).get("info") or {}
+    except Exception:  # noqa: BLE001 - only a default name; the real loading reports unreadable files
+        info = {}
+    method = info.get("method") if isinstance(info, dict) else None
+    if perm is None and not method and not (isinstance(info, dict) and info.get("permuted_from")):
+        return "naive"
+    return str(method) if method else "permuted"
+
+
+def _unique(labels: list[str]) -> list[str]:
+    out: list[str] = []
+    for label in labels:
+        name, k = label, 2
+        while name in out:
+            name, k = f"{label}-{k}", k + 1
+        out.append(name)
+    return out
 
 
 @app.command("interpolate")
-def interpolate() -> None:
-    """Not implemented yet."""
-    raise LmcxError("`lmcx interpolate` is not implemented yet")
+def interpolate(
+    a: Annotated[Path, typer.Option("--a", help="Model A (λ = 0): model.safetensors or a run directory.")],
+    b: Annotated[list[Path], typer.Option(
+        "--b", help="Model B (λ = 1); repeatable: one curve per --b, all against A, on one plot.")],
+    label: Annotated[Optional[list[str]], typer.Option(
+        "--label", help="Name of each --b's curve, in order (naive, wm, am, ste get fixed colours).")] = None,
+    perm: Annotated[Optional[list[str]], typer.Option(
+        "--perm", help="Permutation file (lmcx match) applied to B on the fly; one per --b, in order, "
+                       "`none` for a B used as it is.")] = None,
+    points: Annotated[Optional[int], typer.Option("--points", help="Evenly spaced λ in [0, 1] (points).")] = None,
+    norm_fix: Annotated[Optional[str], typer.Option(
+        "--norm-fix", help="auto | reset | repair | none (auto: reset for BN models, else none).")] = None,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate", help="Also fit a temperature per model on the calibration split (see lmcx calibrate).")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    out: OutOption = None,
+    device: DeviceOption = None,
+    data_root: DataRootOption = None,
+    force: ForceOption = False,
+) -> None:
+    """Interpolate A with each B: loss and accuracy barriers on test and train, raw and calibrated.
+
+    Writes curve.csv, curve.png, logits.safetensors (every logits tensor, for calibration and re-analysis),
+    config.yaml and barrier.json (last). A config file holds InterpolateConfig keys (points, lambdas,
+    norm_fix, train_eval_size, norm_fix_batches, norm_fix_batch_size, eval_batch_size, precision,
+    calibrate); --set lambdas=[0,0.25,0.5,0.75,1] gives an explicit grid.
+
+    Example: lmcx interpolate --a outputs/train/a --b outputs/train/b --b outputs/train/b
+    --perm none --perm outputs/match/wm/permutation.json --label naive --label wm --calibrate
+    """
+    from ..config import InterpolateConfig, load_config, to_dict
+    from ..console import console
+    from ..errors import LmcxError
+    from ..interpolate import (OUTPUTS, calibrate_dir, interpolate_checkpoints, is_calibrated, run_name,
+                               summary_lines)
+    from ..io import read_json
+    from ..rundir import claim, is_complete, run_once, settings_difference
+
+    cfg = load_config(InterpolateConfig, config, overrides(
+        {"points": points, "norm_fix": norm_fix, "calibrate": True if calibrate else None}, set_))
+    perms: list[str | None] | None = None
+    if perm:
+        if len(perm) != len(b):
+            raise LmcxError(f"{len(b)} --b but {len(perm)} --perm; give one --perm per --b, in order "
+                            "(`none` for a B used as it is)")
+        perms = [None if p.lower() in ("none", "-", "") else p for p in perm]
+    if label and len(label) != len(b):
+        raise LmcxError(f"{len(b)} --b but {len(label)} --label; give one --label per --b, in order")
+    labels = list(label) if label else _unique([_default_label(bb, p) for bb, p in zip(b, perms or [None] * len(b))])
+    run_dir = out or Path("outputs") / "interpolate" / f"{run_name(a)}--{run_name(b[0])}"
+    resolved = {"interpolate": to_dict(cfg), "a": str(a), "b": [str(x) for x in b], "labels": labels,
+                **({"perms": perms} if perms and any(perms) else {}),
+                "device": device or "auto", "data": {"root": str(data_root) if data_root else None}}
+
+    result: dict = {}
+    if cfg.calibrate and not force and is_complete(run_dir, "barrier.json") and not is_calibrated(run_dir):
+        # A finished, uncalibrated curve with the same settings: calibrate it from its cached logits.
+        import yaml
+
+        try:
+            old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            old = {}
+        same = {**resolved, "interpolate": {**resolved["interpolate"],
+                                            "calibrate": old.get("interpolate", {}).get("calibrate")}}
+        diff = settings_difference(old, same)
+        if diff:
+            raise LmcxError(f"{run_dir} holds a run with other settings ({diff}); pass --force to redo it there "
+                            "or --out for a new directory")
+        with claim(run_dir) as claimed:
+            if not claimed:
+                console.print(f"{run_dir}: another process is working on it; skipped")
+                return
+            result = calibrate_dir(run_dir, device or "auto", data_root)
+        status = "calibrated"
+    else:
+        status = run_once(run_dir, resolved, OUTPUTS, lambda: result.update(interpolate_checkpoints(
+            a, list(b), labels, cfg, run_dir, device or "auto", perms, data_root)), force=force,
+            marker="barrier.json")
+    if status == "busy":
+        console.print(f"{run_dir}: another process is working on it; skipped")
+        return
+    if status == "skipped":
+        console.print(f"{run_dir}: already complete (use --force to redo)")
+        result = read_json(run_dir / "barrier.json")
+    console.print(f"norm fix {result.get('norm_fix')}; {result.get('lambda_convention')}", markup=False)
+    for line in summary_lines(result):
+        console.print(line, markup=False)
+    console.print(f"{run_dir}: barrier.json, curve.csv, curve.png, logits.safetensors", markup=False)
