@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..permutation.spec import PermutationSpec, permutation_spec_from_axes
+from .layers import norm_axes
 
 BASE_UNITS = 512
 DEPTH = 3  # hidden layers
@@ -48,12 +49,6 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: i
     return MLP(cfg, in_shape, num_classes)
 
 
-def _norm_axes(prefix: str, norm: str, perm: str) -> dict[str, tuple[str | None, ...]]:
-    """Every parameter and buffer of a norm layer is per-unit; num_batches_tracked is not."""
-    names = {"bn": ["weight", "bias", "running_mean", "running_var"], "ln": ["weight", "bias"]}.get(norm, [])
-    return {f"{prefix}.{n}": (perm,) for n in names}
-
-
 def permutation_spec(cfg: ModelConfig) -> PermutationSpec:
     axes: dict[str, tuple[str | None, ...]] = {}
     activations: dict[str, list[str]] = {}
@@ -64,7 +59,7 @@ def permutation_spec(cfg: ModelConfig) -> PermutationSpec:
         axes[f"layers.{i}.linear.weight"] = (p, prev)
         if cfg.bias:
             axes[f"layers.{i}.linear.bias"] = (p,)
-        axes.update(_norm_axes(f"layers.{i}.norm", cfg.norm, p))
+        axes.update(norm_axes(f"layers.{i}.norm", cfg.norm, p))
         activations[p] = [f"layers.{i}.relu"]
         prev = p
     axes["classifier.weight"] = (None, prev)  # output units (classes) are never permuted

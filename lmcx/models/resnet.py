@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..permutation.spec import PermutationSpec, permutation_spec_from_axes
-from .vgg import HeConv2d, norm2d, norm_axes  # conv and norm building blocks shared with VGG
+from .layers import HeConv2d, norm2d, norm_axes
 
 STAGE_CHANNELS = (16, 32, 64)
 BLOCKS_PER_STAGE = 3

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..permutation.spec import PermutationSpec, permutation_spec_from_axes
+from .layers import HeConv2d, norm2d, norm_axes
 
 # Output channels of each conv at width 1; "M" = 2x2 max-pool after the preceding conv.
 LAYOUTS: dict[str, list[int | str]] = {
@@ -27,36 +28,6 @@ def _convs(cfg: ModelConfig) -> list[tuple[int, bool]]:
     """(base channels, followed by a max-pool in the layout) for each conv layer."""
     layout = LAYOUTS[cfg.arch]
     return [(c, i + 1 < len(layout) and layout[i + 1] == "M") for i, c in enumerate(layout) if c != "M"]
-
-
-# HeConv2d, norm2d and norm_axes are shared with resnet.py.
-class HeConv2d(nn.Conv2d):
-    """Conv2d initialised with He (kaiming normal, fan-in) weights and zero bias. He init keeps the
-    activation scale constant through 13 ReLU convs, so deep models without normalisation still
-    train (PyTorch's default init shrinks it at every layer). Overriding reset_parameters, rather
-    than re-initialising afterwards, also saves running the default init at large widths."""
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-
-def norm2d(norm: str, channels: int) -> nn.Module:
-    if norm == "bn":
-        return nn.BatchNorm2d(channels)
-    if norm == "ln":
-        # One group = normalise over (C, H, W) like LayerNorm, but with a per-channel affine, so
-        # permuting channels permutes the affine parameters and nothing else (LayerNorm([C, H, W])
-        # would tie the affine to pixel positions and to the image size).
-        return nn.GroupNorm(1, channels)
-    return nn.Identity()  # keeps module names the same for every norm choice; holds no state
-
-
-def norm_axes(prefix: str, norm: str, perm: str) -> dict[str, tuple[str | None, ...]]:
-    """Every parameter and buffer of a norm layer is per-channel; num_batches_tracked is not."""
-    names = {"bn": ["weight", "bias", "running_mean", "running_var"], "ln": ["weight", "bias"]}.get(norm, [])
-    return {f"{prefix}.{n}": (perm,) for n in names}
 
 
 class VGG(nn.Module):
