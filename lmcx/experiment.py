@@ -197,9 +197,9 @@ def run_experiment(cfg: ExperimentConfig, *, dry_run: bool = False, force: bool 
         blocked = [n.label for n in step.needs if n.label in failed]
         if blocked:
             failed.add(step.label)
-            results[step.label] = {"status": "skipped", "reason": f"needs {blocked[0]}, which failed",
+            results[step.label] = {"status": "blocked", "reason": f"needs {blocked[0]}, which failed",
                                    "out": str(step.out)}
-            console.print(f"[{i}/{len(steps)}] {step.label}: skipped (needs {blocked[0]})", markup=False)
+            console.print(f"[{i}/{len(steps)}] {step.label}: blocked (needs {blocked[0]}, which failed)", markup=False)
             continue
         started = time.perf_counter()
         try:
