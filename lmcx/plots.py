@@ -199,3 +199,71 @@ def plot_lewc_coefficients(layers: list[dict], path: str | Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Experiment report (owner: report)
+
+
+def plot_barrier_vs_width(rows: list[dict], methods: list[str], path: str | Path) -> None:
+    """Test loss barrier (raw solid, calibrated dashed) and accuracy barrier against width, one colour
+    per method, mean ± std over pairs."""
+    import statistics
+
+    widths = sorted({r["width"] for r in rows})
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+
+    def series(method: str, key: str, scale: float = 1.0):
+        xs, ms, ss = [], [], []
+        for w in widths:
+            vals = [r[key] * scale for r in rows if r["width"] == w and r["method"] == method and r["split"] == "test"
+                    and r.get(key) is not None]
+            if vals:
+                xs.append(w)
+                ms.append(statistics.fmean(vals))
+                ss.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        return xs, ms, ss
+
+    for i, method in enumerate(methods):
+        color = method_color(method, i)
+        for key, style, suffix in (("loss_barrier", "-", ""), ("calibrated_loss_barrier", "--", " calibrated")):
+            xs, ms, ss = series(method, key)
+            if xs:
+                ax_loss.errorbar(xs, ms, yerr=ss, color=color, linestyle=style, marker="o", capsize=3,
+                                 label=f"{method}{suffix}")
+        xs, ms, ss = series(method, "accuracy_barrier", 100)
+        if xs:
+            ax_acc.errorbar(xs, ms, yerr=ss, color=color, marker="o", capsize=3, label=method)
+    for ax, title in ((ax_loss, "test loss barrier"), (ax_acc, "test accuracy barrier (pp)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(widths, [f"{w:g}×" for w in widths])
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xlabel("width multiplier")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False, fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_curves_per_width(curve_files: list[Path], methods: list[str], width: float, path: str | Path) -> None:
+    """Test loss and accuracy against λ at one width: thin lines per pair, one colour per method."""
+    import csv
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for file in curve_files:
+        with open(file) as f:
+            rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+        for i, method in enumerate(methods):
+            sel = [r for r in rows if r["label"] == method]
+            if not sel:
+                continue
+            lam = [float(r["lambda"]) for r in sel]
+            color = method_color(method, i)
+            label = method if file == curve_files[0] else None
+            ax_loss.plot(lam, [float(r["loss"]) for r in sel], color=color, linewidth=1.4, label=label)
+            if sel[0].get("calibrated_loss"):
+                ax_loss.plot(lam, [float(r["calibrated_loss"]) for r in sel], color=color, linestyle="--",
+                             linewidth=1.0, label=f"{method} calibrated" if label else None)
+            ax_acc.plot(lam, [100 * float(r["accuracy"]) for r in sel], color=color, linewidth=1.4, label=label)
+    for ax, title in ((ax_loss, f"test loss, width {width:g}×"), (ax_acc, f"test accuracy %, width {width:g}×")):
+        ax.set_xlabel("λ  (0 = model A, 1 = model B)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False, fontsize=8)
+    save_figure(fig, path)
