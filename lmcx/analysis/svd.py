@@ -90,9 +90,11 @@ class Factors:
     v: torch.Tensor
 
 
-def svd_factors(w: torch.Tensor) -> Factors:
-    u, s, vh = torch.linalg.svd(layer_matrix(w), full_matrices=False)
-    return Factors(u, s, vh.mT)
+def svd_factors(w: torch.Tensor, device: str | torch.device | None = None) -> Factors:
+    """Thin SVD of `layer_matrix(w)` in float64, computed on `device` (default: w's), returned on the CPU."""
+    m = layer_matrix(w)
+    u, s, vh = torch.linalg.svd(m if device is None else m.to(device), full_matrices=False)
+    return Factors(u.cpu(), s.cpu(), vh.mT.cpu())
 
 
 def max_relative_sv_difference(s: torch.Tensor, t: torch.Tensor) -> float:
@@ -149,11 +151,12 @@ def relative_reduction(before: float, after: float) -> float:
 
 
 def svd_analysis(params_a: StateDict, params_b: StateDict, params_b_perm: StateDict, gammas: list[float],
-                 weighted: bool = False, param_keys: list[str] | None = None) -> dict[str, Any]:
+                 weighted: bool = False, param_keys: list[str] | None = None,
+                 device: str | torch.device = "cpu") -> dict[str, Any]:
     """Per-layer SVD analysis of A against B (naive) and π(B) (permuted).
 
     `param_keys`: the trainable parameters for the total L2 distance over 'parameters' (default: every
-    floating entry except norm running statistics). Returns {"layers": [...], "totals": {...}}.
+    floating entry except norm running statistics). SVDs run on `device` in float64. Returns {"layers": [...], "totals": {...}}.
     """
     layers = weight_layers(params_a)
     if not layers:
@@ -177,7 +180,7 @@ def svd_analysis(params_a: StateDict, params_b: StateDict, params_b_perm: StateD
 
     rows = []
     for k in layers:
-        fa, fb, fp = svd_factors(cpu[k]), svd_factors(cpu_b[k]), svd_factors(cpu_bp[k])
+        fa, fb, fp = (svd_factors(p[k], device) for p in (cpu, cpu_b, cpu_bp))
         align = []
         for g in gammas:
             r_naive, ka, kb = alignment_from_factors(fa, fb, g)
@@ -292,8 +295,8 @@ def analyze_svd_checkpoints(a_path, b_path, cfg: SvdConfig, out_dir, perm_path=N
                             device: str = "auto") -> dict[str, Any]:
     """SVD analysis of checkpoints A and B (B against π(B)); writes svd.csv, the plots, then svd.json.
 
-    SVDs run on the CPU in float64; weight matching computed on the fly (no `perm_path` or
-    `b_permuted_path`) runs on `device`. Returns the svd.json content.
+    SVDs (float64) and weight matching computed on the fly (no `perm_path` or `b_permuted_path`) run
+    on `device`. Returns the svd.json content.
     """
     from ..checkpoint import check_compatible, load_checkpoint
     from ..io import write_csv, write_json
@@ -303,17 +306,18 @@ def analyze_svd_checkpoints(a_path, b_path, cfg: SvdConfig, out_dir, perm_path=N
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    dev = resolve_device(device)
     ckpt_a, ckpt_b = load_checkpoint(a_path), load_checkpoint(b_path)
     check_compatible(ckpt_a, ckpt_b)
     state_bp, permutation = permuted_b(ckpt_a, ckpt_b, perm_path, b_permuted_path,
                                        wm_seed=cfg.wm_seed, wm_max_iter=cfg.wm_max_iter,
-                                       device=resolve_device(device))
+                                       device=dev)
     model = build_model(ckpt_a.model, ckpt_a.in_shape, ckpt_a.num_classes)
     param_keys = [n for n, _ in model.named_parameters()]
     # safetensors sorts names alphabetically: put layers back in the model's order (input first)
     order = [k for k in model.state_dict() if k in ckpt_a.state]
     state_a = {k: ckpt_a.state[k] for k in order + [k for k in ckpt_a.state if k not in set(order)]}
-    result = svd_analysis(state_a, ckpt_b.state, state_bp, list(cfg.gammas), cfg.weighted, param_keys)
+    result = svd_analysis(state_a, ckpt_b.state, state_bp, list(cfg.gammas), cfg.weighted, param_keys, dev)
 
     write_csv(out_dir / "svd.csv", csv_rows(result, cfg.weighted))
     plot_svd_spectra(result["layers"], out_dir / "svd_spectra.png")
@@ -322,7 +326,7 @@ def analyze_svd_checkpoints(a_path, b_path, cfg: SvdConfig, out_dir, perm_path=N
         "format": "lmcx-svd",
         "settings": {
             "a": str(ckpt_a.path), "b": str(ckpt_b.path), "permutation": permutation,
-            **to_dict(cfg), "svd_device": "cpu (float64)", "definitions": DEFINITIONS,
+            **to_dict(cfg), "device": str(dev), "svd_dtype": "float64", "definitions": DEFINITIONS,
         },
         "models": model_summary(ckpt_a),
         "totals": result["totals"],
