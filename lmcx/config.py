@@ -91,17 +91,24 @@ class TrainJob:
 
 @dataclass
 class SteConfig:
+    """Straight-through estimator (lmcx/permutation/ste.py): Adam on the midpoint training loss."""
+
     epochs: int = 3
     lr: float = 1e-3
     batch_size: int = 500
+    eval_samples: int = 5000  # fixed training subset on which each candidate permutation's merge is scored
+    eval_every: int = 0  # steps between candidate evaluations; 0 = once per epoch (plus one at the start)
 
 
 @dataclass
 class MatchConfig:
+    """`lmcx match` (lmcx/match.py). `seed` orders weight matching's sweeps (and STE's batches)."""
+
     method: Literal["wm", "am", "ste"] = "wm"
     seed: int = 0
-    max_iter: int = 100
+    max_iter: int = 100  # weight matching sweeps (MergeMany: also rounds)
     am_samples: int = 5000  # training images whose activations are correlated
+    am_batch_size: int = 500  # images per forward pass in activation matching
     many: Literal["anchor", "merge-many"] = "anchor"  # three or more models
     ste: SteConfig = field(default_factory=SteConfig)
 
@@ -377,8 +384,13 @@ def validate(cfg: Any, prefix: str = "") -> None:
     elif isinstance(cfg, MatchConfig):
         _require(cfg.max_iter > 0, f"{p}max_iter", "must be > 0")
         _require(cfg.am_samples > 0, f"{p}am_samples", "must be > 0")
+        _require(cfg.am_batch_size > 0, f"{p}am_batch_size", "must be > 0")
     elif isinstance(cfg, SteConfig):
-        _require(cfg.epochs > 0 and cfg.lr > 0 and cfg.batch_size > 0, f"{p}ste", "epochs, lr, batch_size must be > 0")
+        _require(cfg.epochs > 0, f"{p}epochs", f"must be > 0, got {cfg.epochs}")
+        _require(cfg.lr > 0, f"{p}lr", f"must be > 0, got {cfg.lr}")
+        _require(cfg.batch_size > 0, f"{p}batch_size", f"must be > 0, got {cfg.batch_size}")
+        _require(cfg.eval_samples > 0, f"{p}eval_samples", "must be > 0")
+        _require(cfg.eval_every >= 0, f"{p}eval_every", "must be >= 0 (0 = once per epoch)")
     elif isinstance(cfg, InterpolateConfig):
         _require(cfg.points >= 2, f"{p}points", f"must be >= 2, got {cfg.points}")
         if cfg.lambdas is not None:

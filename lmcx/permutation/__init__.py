@@ -1,4 +1,6 @@
-"""Permutations of hidden units: specs, weight matching, and matching three or more models."""
+"""Permutations of hidden units: specs, weight matching, activation matching, the straight-through
+estimator, and matching three or more models."""
+from .activation_matching import ActivationStats, activation_correlations, activation_matching, assign_from_correlation
 from .merge_many import MergeManyResult, match_to_anchor, merge_many
 from .spec import (
     Permutation,
@@ -16,6 +18,7 @@ from .spec import (
     random_permutation,
     save_permutation_file,
 )
+from .ste import SteResult, straight_through_estimator
 from .weight_matching import WeightMatchingResult, l2_distance, matchable_params, weight_matching
 
 __all__ = [
@@ -40,4 +43,10 @@ __all__ = [
     "MergeManyResult",
     "merge_many",
     "match_to_anchor",
+    "ActivationStats",
+    "activation_correlations",
+    "activation_matching",
+    "assign_from_correlation",
+    "SteResult",
+    "straight_through_estimator",
 ]
