@@ -67,7 +67,7 @@ def default_out_dir(a: str | Path, bs: Sequence[str | Path], cfg: MatchConfig) -
     return Path("outputs") / "match" / ("--".join([run_name(a)] + [run_name(b) for b in bs]) + f"-{tag}")
 
 
-def _l2(spec, state_a, state_b) -> dict[str, Any]:
+def _l2(state_a, state_b) -> dict[str, Any]:
     from .permutation import l2_distance
 
     total, per = l2_distance(state_a, state_b)
@@ -79,6 +79,7 @@ def match_pair(spec, a: Checkpoint, b: Checkpoint, cfg: MatchConfig, device: tor
     """Permutation of B aligning it to A with `cfg.method`, and that method's statistics."""
     from .permutation import activation_correlations, assign_from_correlation, straight_through_estimator, \
         weight_matching
+    from .permutation.activation_matching import TIEBREAK
 
     if cfg.method == "wm":
         sa = {k: v.to(device) for k, v in a.state.items()}
@@ -102,7 +103,11 @@ def match_pair(spec, a: Checkpoint, b: Checkpoint, cfg: MatchConfig, device: tor
                            "mean_corr_after": (c[idx, perm[p]].sum() / (n * st.points[p])).item()}
         return perm, {"iterations": 1, "objective": None, "lap_seconds": lap, "match_seconds": seconds,
                       "am": {"samples": st.samples, "batch_size": cfg.am_batch_size,
-                             "activation_seconds": st.seconds, "permutations": per_perm}}
+                             "activation_seconds": st.seconds, "permutations": per_perm,
+                             "notes": "Pearson correlation of activations at the spec's activation points (eval "
+                                      "mode, first `samples` training images, conv positions as samples), summed "
+                                      f"per permutation; ties (dead units) broken by pre-activation correlation "
+                                      f"x {TIEBREAK:g}"}}
     if cfg.method == "ste":
         r = straight_through_estimator(spec, model_a, model_b, ds, cfg.ste, seed=cfg.seed, max_iter=cfg.max_iter)
         return r.perm, {"iterations": r.steps, "objective": None, "lap_seconds": r.lap_seconds,
@@ -112,7 +117,11 @@ def match_pair(spec, a: Checkpoint, b: Checkpoint, cfg: MatchConfig, device: tor
                                 "naive_midpoint_train_loss": r.naive_loss, "eval_samples": r.eval_samples,
                                 "steps": r.steps, "wm_calls": r.wm_calls, "wm_sweeps": r.wm_sweeps,
                                 "wm_seconds": r.wm_seconds, "history": r.history,
-                                "settings": to_dict(cfg.ste)}}
+                                "settings": to_dict(cfg.ste),
+                                "notes": "midpoint 1/2(theta_A + pi(theta_B)) in train mode (BN batch statistics); "
+                                         "best permutation by midpoint loss on the first eval_samples training "
+                                         "images, scored at step 0 (WM projection of theta_A) and after every "
+                                         "epoch (or eval_every steps)"}}
     raise LmcxError(f"unknown matching method {cfg.method!r}; choose wm, am or ste")
 
 
@@ -211,7 +220,7 @@ def match_checkpoints(a_path, b_paths: list, cfg: MatchConfig, out_dir, device: 
         permuted_states.append(permuted)
         rel = (lambda name: name) if single else (lambda name, i=i: f"b{i}/{name}")
         outputs.append({"source": str(b.path), "permutation": rel(PERMUTATION_FILE), "permuted": rel(PERMUTED_FILE),
-                        "l2_before": _l2(spec, a.state, b.state), "l2_after": _l2(spec, a.state, permuted), **stats})
+                        "l2_before": _l2(a.state, b.state), "l2_after": _l2(a.state, permuted), **stats})
 
     metrics: dict[str, Any] = {
         "method": method, "method_name": METHOD_NAMES[method], "seed": cfg.seed, "a": str(a.path),
