@@ -39,6 +39,18 @@ Outputs of `interpolate_checkpoints` (and `lmcx interpolate`) in the output dire
   config.yaml         the resolved settings (written by the caller's run directory logic when present)
   barrier.json        written last (the completeness marker): settings actually used and, per label
                       and split, `raw` and `calibrated` barriers (see `barrier_metrics`)
+
+barrier.json:
+  lambda_convention, grid, norm_fix (applied), norm_fix_setting, norm_fix_batches, norm_fix_batch_size,
+  norm_fix_note, splits {test, train, calib: sizes}, train_eval_size, calibration {calibrated, split, size,
+  method, seconds}, checkpoints {a, b: [{label, path, permutation}]}, dataset, data_root, model, precision,
+  eval_batch_size, settings (InterpolateConfig), device, timing, and
+  results[label][split in test, train] = {"raw": {...}, "calibrated": {...} or null} with keys
+    loss_barrier, loss_barrier_lambda, accuracy_barrier, accuracy_barrier_lambda, loss_a, loss_b,
+    accuracy_a, accuracy_b, midpoint_loss, midpoint_accuracy, midpoint_loss_barrier,
+    midpoint_accuracy_barrier (accuracies as fractions; calibration leaves accuracies unchanged), and in
+    `calibrated` also loss_barrier_at_most_raw_everywhere (calibrated gap <= raw gap at every λ);
+  results[label]["temperatures"] = T per λ once calibrated.
 """
 from __future__ import annotations
 
@@ -69,6 +81,14 @@ LOGITS_FILE = "logits.safetensors"
 BARRIER_FILE = "barrier.json"
 OUTPUTS = [BARRIER_FILE, "curve.csv", "curve.png", LOGITS_FILE]
 CURVE_SPLITS = ("test", "train")  # barriers are reported on these; `calib` only feeds calibration
+
+NORM_FIX_NOTES = {
+    "none": "interpolated weights and BatchNorm running statistics used as they are",
+    "reset": "BatchNorm running statistics recomputed for every theta(lambda), endpoints included, on "
+             "norm_fix_batches fixed training batches (cumulative average, no augmentation)",
+    "repair": "REPAIR: every unit's activation mean and std in theta(lambda) matched to (1 - lambda) * stat_A + "
+              "lambda * stat_B (endpoint statistics on the same fixed training batches), endpoints included",
+}
 
 _BN = nn.modules.batchnorm._BatchNorm
 _LN = (nn.LayerNorm, nn.GroupNorm)
@@ -187,11 +207,6 @@ def repair_points(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers[:-1]
 
 
-def _channels_first(y: torch.Tensor) -> torch.Tensor:
-    """[N, C, ...] -> [C, N·...]."""
-    return y.transpose(0, 1).reshape(y.shape[1], -1)
-
-
 @torch.no_grad()
 def activation_stats(model: nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor]
                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -202,11 +217,12 @@ def activation_stats(model: nn.Module, names: Sequence[str], inputs: Sequence[to
 
     def hook(name):
         def fn(_module, _inp, out):
-            y = _channels_first(out.detach()).double()
+            dims = [0] + list(range(2, out.ndim))
+            y = out.detach().double()
             acc = sums[name]
-            acc[0] = acc[0] + y.sum(1)
-            acc[1] = acc[1] + (y * y).sum(1)
-            acc[2] += y.shape[1]
+            acc[0] = acc[0] + y.sum(dims)
+            acc[1] = acc[1] + (y * y).sum(dims)
+            acc[2] += out.numel() // out.shape[1]
         return fn
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in names]
@@ -263,17 +279,17 @@ def repair(model: nn.Module, inputs: Sequence[torch.Tensor], stats_a: dict, stat
         t_mean, t_std = targets[name]
 
         def fn(_module, _inp, out):
-            y = _channels_first(out)
-            mean, var = y.mean(1), y.var(1)
+            dims = [0] + list(range(2, out.ndim))  # every axis but the units'
+            var, mean = torch.var_mean(out, dim=dims, correction=1)
             a = acc[name]
             a[0] = a[0] + mean.double()
             a[1] = a[1] + var.double()
             a[2] += 1
             shape = (1, -1) + (1,) * (out.ndim - 2)
-            scale = (t_std / (var + BN_EPS).sqrt()).view(shape)
-            if has_bias:
-                return (out - mean.view(shape)) * scale + t_mean.view(shape)
-            return out * scale
+            scale = t_std / (var + BN_EPS).sqrt()
+            if has_bias:  # (out − mean)·scale + target mean, in one fused op
+                return torch.addcmul((t_mean - mean * scale).view(shape), out, scale.view(shape))
+            return out * scale.view(shape)
         return fn
 
     handles = [m.register_forward_hook(hook(n, m.bias is not None)) for n, m in points]
@@ -311,6 +327,7 @@ class Interpolator:
         check_same_layout(self.state_a, state_b)
         self.state_b = {k: v.detach().to(self.state_a[k].device).clone() for k, v in state_b.items()}
         self.model = copy.deepcopy(model_a).eval()
+        self._tensors = self.model.state_dict()  # views of the model's own storage, written in place per λ
         self.inputs = inputs
         self.stats_a = self.stats_b = None
         if self.norm_fix == "repair":
@@ -321,9 +338,13 @@ class Interpolator:
     @torch.no_grad()
     def at(self, lam: float) -> nn.Module:
         """The (shared) model set to θ(λ), norm fix applied, in eval mode."""
-        state = lerp_state(self.state_a, self.state_b, lam)
-        for k, t in self.model.state_dict().items():
-            t.copy_(state[k])
+        for k, t in self._tensors.items():  # lerp_state's arithmetic (a·(1 − λ) + b·λ), written in place
+            a = self.state_a[k]
+            if a.is_floating_point():
+                torch.mul(a, 1.0 - lam, out=t)
+                t.add_(self.state_b[k] * lam)
+            else:
+                t.copy_(a)
         started = time.perf_counter()
         if self.norm_fix == "reset":
             reset_bn_stats(self.model, self.inputs)
@@ -464,6 +485,7 @@ def evaluate_curves(model_a: nn.Module, models_b: dict[str, nn.Module], ds: Data
 
 
 def save_curves(path: str | Path, curves: Curves, info: dict[str, Any] | None = None) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {"lambdas": torch.tensor(curves.lambdas, dtype=torch.float64)}
@@ -475,7 +497,10 @@ def save_curves(path: str | Path, curves: Curves, info: dict[str, Any] | None = 
     meta = {"labels": curves.labels, "splits": sorted(curves.targets), "lambda_convention": LAMBDA_CONVENTION,
             **(info or {})}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"lmcx": json.dumps(meta)})
+        try:
+            save_file(tensors, str(tmp), metadata={"lmcx": json.dumps(meta)})
+        except SafetensorError as e:  # safetensors reports I/O failures (a full disk) as its own type
+            raise OSError(str(e)) from None
 
 
 def load_curves(path: str | Path) -> Curves:
@@ -656,6 +681,7 @@ def interpolate_checkpoints(a_path, b_paths: list, labels: list[str], cfg: Inter
         "calibration": {"calibrated": False, "split": "calib", "size": len(ds.y_calib)},
         "checkpoints": used,
         "dataset": ckpt_a.data.name,
+        "data_root": str(data_root) if data_root is not None else None,
         "model": to_dict(ckpt_a.model),
         "precision": cfg.precision,
         "eval_batch_size": cfg.eval_batch_size,
@@ -673,15 +699,6 @@ def interpolate_checkpoints(a_path, b_paths: list, labels: list[str], cfg: Inter
     save_curves(out_dir / LOGITS_FILE, curves, {"norm_fix": norm_fix})
     settings["timing"]["total_seconds"] = time.perf_counter() - started
     return write_outputs(out_dir, curves, settings, temperatures)
-
-
-NORM_FIX_NOTES = {
-    "none": "interpolated weights and BatchNorm running statistics used as they are",
-    "reset": "BatchNorm running statistics recomputed for every theta(lambda), endpoints included, on "
-             "norm_fix_batches fixed training batches (cumulative average, no augmentation)",
-    "repair": "REPAIR: every unit's activation mean and std in theta(lambda) matched to (1 - lambda) * stat_A + "
-              "lambda * stat_B (endpoint statistics on the same fixed training batches), endpoints included",
-}
 
 
 def _calibrate(curves: Curves) -> tuple[dict[str, list[float]], dict[str, Any]]:
@@ -707,6 +724,9 @@ def calibrate_dir(out_dir, device: str = "auto", data_root=None) -> dict[str, An
     if not barrier_path.is_file():
         raise LmcxError(f"{out_dir} has no {BARRIER_FILE}; run `lmcx interpolate --out {out_dir}` first")
     settings = read_json(barrier_path)
+    if not isinstance(settings, dict):
+        raise LmcxError(f"{barrier_path} is not a barrier file (JSON {type(settings).__name__}); re-run "
+                        f"`lmcx interpolate --force --out {out_dir}`")
     settings.pop("results", None)
     curves = load_curves(out_dir / LOGITS_FILE)
     missing = [label for label in curves.labels if "calib" not in curves.logits[label]]
@@ -719,6 +739,7 @@ def calibrate_dir(out_dir, device: str = "auto", data_root=None) -> dict[str, An
             raise LmcxError(f"{barrier_path} does not record its checkpoints ({e}); re-run `lmcx interpolate "
                             f"--calibrate --force --out {out_dir}`") from None
         entries = [e for e in entries if e["label"] in missing]
+        data_root = data_root if data_root is not None else settings.get("data_root")
         dev = resolve_device(device)
         ckpt_a, model_a, models_b, _ = _load_models(a_path, [e["path"] for e in entries],
                                                      [e["label"] for e in entries],
@@ -779,11 +800,12 @@ def summary_lines(barrier: dict[str, Any]) -> Iterable[str]:
     for label, per in barrier.get("results", {}).items():
         test = per.get("test", {})
         raw, cal = test.get("raw", {}), test.get("calibrated")
-        line = (f"{label}: test loss barrier {raw.get('loss_barrier', math.nan):.4f} "
-                f"(at λ={raw.get('loss_barrier_lambda', math.nan):.3f})")
+        num = lambda d, k: math.nan if d.get(k) is None else d[k]  # noqa: E731 - barrier.json has null for nan/inf
+        line = (f"{label}: test loss barrier {num(raw, 'loss_barrier'):.4f} "
+                f"(at λ={num(raw, 'loss_barrier_lambda'):.3f})")
         if cal:
-            line += f", calibrated {cal['loss_barrier']:.4f}"
-        line += f", accuracy barrier {100 * raw.get('accuracy_barrier', math.nan):.2f} pp"
+            line += f", calibrated {num(cal, 'loss_barrier'):.4f}"
+        line += f", accuracy barrier {100 * num(raw, 'accuracy_barrier'):.2f} pp"
         yield line
 
 

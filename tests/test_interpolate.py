@@ -12,7 +12,7 @@ from lmcx.checkpoint import Checkpoint, build_from_checkpoint, load_checkpoint, 
 from lmcx.config import DataConfig, InterpolateConfig, ModelConfig, SyntheticConfig, TrainJob, load_config
 from lmcx.data import load_dataset
 from lmcx.errors import LmcxError
-from lmcx.interpolate import (activation_stats, barrier_metrics, evaluate_curves, interpolate_checkpoints,
+from lmcx.interpolate import (Interpolator, activation_stats, barrier_metrics, evaluate_curves, interpolate_checkpoints,
                               interpolated_model, lambda_grid, lerp_state, load_curves, loss_gaps,
                               norm_fix_inputs, repair_points, reset_bn_stats, resolve_norm_fix)
 from lmcx.models import build_model, permutation_spec
@@ -78,6 +78,14 @@ def test_lerp_state_endpoints_exact_integer_buffers_from_a():
     assert mid["n"].item() == 7 and lerp_state(a, b, 1.0)["n"].item() == 7
     with pytest.raises(LmcxError, match="shape"):
         lerp_state(a, {"w": torch.randn(4, 3), "n": torch.tensor(1)}, 0.5)
+    # the curve's in-place interpolation is lerp_state bit for bit
+    cfg = ModelConfig(arch="mlp", width=0.125, norm="bn")
+    ma, mb = build_model(cfg, (1, 8, 8), 4), build_model(cfg, (1, 8, 8), 4)
+    mb.layers[0].norm.num_batches_tracked += 5
+    for lam in (0.0, 0.3, 1.0):
+        got = Interpolator(ma, mb, [], "none").at(lam).state_dict()
+        want = lerp_state(ma.state_dict(), mb.state_dict(), lam)
+        assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_barriers_exactly_as_science_md():
@@ -232,6 +240,9 @@ def test_calibrate_later_matches_calibrate_at_once(tmp_path, digits, cli):
     assert [(r["loss"], r["accuracy"]) for r in after] == [(r["loss"], r["accuracy"]) for r in before]
     assert json.loads((tmp_path / "third" / "barrier.json").read_text())["calibration"]["calibrated"]
     assert "already complete" in cli("interpolate", *common, "--calibrate", "--out", tmp_path / "third").err
+    assert "already complete" in cli("interpolate", *common, "--out", tmp_path / "third").err  # raw is included
+    assert_clean_error(cli("interpolate", *common, "--points", "7", "--out", tmp_path / "third"),
+                       "other settings", "points")
 
 
 def test_bn_resnet_reset_and_repair_lower_naive_midpoint_loss(resnets):

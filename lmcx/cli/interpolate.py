@@ -43,6 +43,23 @@ def _unique(labels: list[str]) -> list[str]:
     return out
 
 
+def _recorded(run_dir: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def settings_difference(old: dict, new: dict, ignore_calibrate: bool) -> str | None:
+    from ..rundir import settings_difference as difference
+
+    if ignore_calibrate and isinstance(old.get("interpolate"), dict):
+        new = {**new, "interpolate": {**new["interpolate"], "calibrate": old["interpolate"].get("calibrate")}}
+    return difference(old, new)
+
+
 @app.command("interpolate")
 def interpolate(
     a: Annotated[Path, typer.Option("--a", help="Model A (λ = 0): model.safetensors or a run directory.")],
@@ -81,7 +98,7 @@ def interpolate(
     from ..interpolate import (OUTPUTS, calibrate_dir, interpolate_checkpoints, is_calibrated, run_name,
                                summary_lines)
     from ..io import read_json
-    from ..rundir import claim, is_complete, run_once, settings_difference
+    from ..rundir import claim, is_complete, run_once
 
     cfg = load_config(InterpolateConfig, config, overrides(
         {"points": points, "norm_fix": norm_fix, "calibrate": True if calibrate else None}, set_))
@@ -100,26 +117,20 @@ def interpolate(
                 "device": device or "auto", "data": {"root": str(data_root) if data_root else None}}
 
     result: dict = {}
-    if cfg.calibrate and not force and is_complete(run_dir, "barrier.json") and not is_calibrated(run_dir):
-        # A finished, uncalibrated curve with the same settings: calibrate it from its cached logits.
-        import yaml
-
-        try:
-            old = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            old = {}
-        same = {**resolved, "interpolate": {**resolved["interpolate"],
-                                            "calibrate": old.get("interpolate", {}).get("calibrate")}}
-        diff = settings_difference(old, same)
+    if not force and is_complete(run_dir, "barrier.json"):
+        # A finished curve: calibration only adds to it, so `calibrate` alone never makes it stale.
+        diff = settings_difference(_recorded(run_dir), resolved, ignore_calibrate=True)
         if diff:
             raise LmcxError(f"{run_dir} holds a run with other settings ({diff}); pass --force to redo it there "
                             "or --out for a new directory")
-        with claim(run_dir) as claimed:
-            if not claimed:
-                console.print(f"{run_dir}: another process is working on it; skipped")
-                return
-            result = calibrate_dir(run_dir, device or "auto", data_root)
-        status = "calibrated"
+        status = "skipped"
+        if cfg.calibrate and not is_calibrated(run_dir):  # calibrate it in place from its cached logits
+            with claim(run_dir) as claimed:
+                if not claimed:
+                    status = "busy"
+                else:
+                    result = calibrate_dir(run_dir, device or "auto", data_root)
+                    status = "calibrated"
     else:
         status = run_once(run_dir, resolved, OUTPUTS, lambda: result.update(interpolate_checkpoints(
             a, list(b), labels, cfg, run_dir, device or "auto", perms, data_root)), force=force,
