@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import LmcxError
-from .spec import Permutation, PermutationSpec, get_permuted_param, identity_permutation
+from .spec import PermutationSpec, get_permuted_param, identity_permutation
 from .weight_matching import weight_matching
 
 __all__ = ["SteResult", "straight_through_estimator", "midpoint_loss"]
