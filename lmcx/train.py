@@ -225,7 +225,8 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
                 optimizer.step()
                 scheduler.step()
                 totals += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
-                                       torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
+                                       # torch.full, not torch.tensor: a fill kernel, no host-to-device copy
+                                       torch.full((), float(len(y)), device=device, dtype=torch.float64)])
                 bar.advance(task)
             if dist.world_size > 1:
                 torch.distributed.all_reduce(totals)
