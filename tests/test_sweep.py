@@ -26,7 +26,7 @@ def test_two_concurrent_sweeps_train_each_run_once(tmp_path, synthetic_config):
         assert len((run_dir / "history.csv").read_text().strip().splitlines()) == 1 + 3
         trained = [line for line in log.splitlines() if line.startswith(f"{run_dir}: test accuracy")]
         assert len(trained) == 1, (run, log)  # trained by exactly one of the two sweeps
-    others = [line for line in log.splitlines() if "another process is training it" in line
+    others = [line for line in log.splitlines() if "another process is working on it" in line
               or "already complete" in line]
     assert len(others) == len(runs)
 

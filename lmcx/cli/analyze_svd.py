@@ -6,22 +6,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import ConfigOption, DeviceOption, ForceOption, OutOption, SetOption, app, overrides
-
-
-def pair_tag(a: Path, b: Path) -> str:
-    """`<run of A>-vs-<run of B>` for default output directories."""
-    def tag(p: Path) -> str:
-        return p.name if p.is_dir() else (p.parent.name if p.name == "model.safetensors" else p.stem)
-    return f"{tag(a)}-vs-{tag(b)}"
+from .app import (BPermutedOption, ConfigOption, DeviceOption, ForceOption, ModelAOption, OutOption, PermOption,
+                  SetOption, app, overrides, pair_tag, step_ran)
 
 
 @app.command("analyze-svd")
 def analyze_svd(
-    a: Annotated[Path, typer.Option("--a", help="Model A: model.safetensors or a run directory.")],
+    a: ModelAOption,
     b: Annotated[Path, typer.Option("--b", help="Model B (as trained).")],
-    perm: Annotated[Optional[Path], typer.Option("--perm", help="Permutation file for B (lmcx match).")] = None,
-    b_permuted: Annotated[Optional[Path], typer.Option("--b-permuted", help="Already permuted checkpoint of B.")] = None,
+    perm: PermOption = None,
+    b_permuted: BPermutedOption = None,
     gamma: Annotated[Optional[list[float]], typer.Option(
         "--gamma", help="γ of R(γ): top-k with s_i/s_1 >= γ (repeatable; default 0 and 0.3).")] = None,
     weighted: Annotated[bool, typer.Option("--weighted", help="Also report the singular-value-weighted R_w(γ).")] = False,
@@ -58,11 +52,7 @@ def analyze_svd(
     status = run_once(run_dir, resolved, SVD_OUTPUTS, lambda: result.update(analyze_svd_checkpoints(
         a, b, cfg, run_dir, perm_path=perm, b_permuted_path=b_permuted, device=device or "auto")),
         force=force, marker="svd.json")
-    if status == "skipped":
-        console.print(f"{run_dir}: already complete (use --force to redo)")
-        return
-    if status == "busy":
-        console.print(f"{run_dir}: another process is working on it; skipped")
+    if not step_ran(run_dir, status):
         return
     totals = result["totals"]
     console.print(f"permutation: {result['settings']['permutation']['note']}", markup=False)

@@ -42,6 +42,27 @@ DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto | cp
 DataRootOption = Annotated[Optional[Path], typer.Option(
     "--data-root", help="Where datasets live (else $LMCX_DATA_ROOT, else ~/.cache/lmcx/data).")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Redo the step even if its outputs are complete.")]
+ModelAOption = Annotated[Path, typer.Option("--a", help="Model A: model.safetensors or a run directory.")]
+PermOption = Annotated[Optional[Path], typer.Option("--perm", help="Permutation file applied to B (lmcx match).")]
+BPermutedOption = Annotated[Optional[Path], typer.Option("--b-permuted", help="Already permuted checkpoint of B.")]
+
+
+def pair_tag(a: Path, b: Path) -> str:
+    """`<run of A>-vs-<run of B>` for default output directories."""
+    def tag(p: Path) -> str:
+        return p.name if p.is_dir() else (p.parent.name if p.name == "model.safetensors" else p.stem)
+    return f"{tag(a)}-vs-{tag(b)}"
+
+
+def step_ran(run_dir: Path, status: str) -> bool:
+    """Say why a step did not run (rundir.run_once's "skipped" / "busy"); True when it ran."""
+    from ..console import console
+
+    if status == "skipped":
+        console.print(f"{run_dir}: already complete (use --force to redo)", markup=False)
+    elif status == "busy":
+        console.print(f"{run_dir}: another process is working on it; skipped", markup=False)
+    return status == "done"
 
 
 def overrides(flags: dict[str, Any], sets: list[str] | None) -> list[dict[str, Any]]:

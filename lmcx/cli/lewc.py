@@ -6,15 +6,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOption, SetOption, app, overrides
+from .app import (BPermutedOption, ConfigOption, DataRootOption, DeviceOption, ForceOption, ModelAOption, OutOption,
+                  PermOption, SetOption, app, overrides, pair_tag, step_ran)
 
 
 @app.command("lewc")
 def lewc(
-    a: Annotated[Path, typer.Option("--a", help="Model A: model.safetensors or a run directory.")],
+    a: ModelAOption,
     b: Annotated[Path, typer.Option("--b", help="Model B (used as trained unless --perm / --b-permuted).")],
-    perm: Annotated[Optional[Path], typer.Option("--perm", help="Permutation file applied to B (lmcx match).")] = None,
-    b_permuted: Annotated[Optional[Path], typer.Option("--b-permuted", help="Already permuted checkpoint of B.")] = None,
+    perm: PermOption = None,
+    b_permuted: BPermutedOption = None,
     lambda_: Annotated[Optional[list[float]], typer.Option(
         "--lambda", help="λ of θ(λ) = (1−λ)θ_A + λθ_B (repeatable; default 0.25 0.5 0.75).")] = None,
     samples: Annotated[Optional[int], typer.Option("--samples", help="First N test images (lewc.samples).")] = None,
@@ -39,7 +40,6 @@ def lewc(
     from ..config import LewcConfig, load_config, to_dict
     from ..console import console
     from ..errors import LmcxError
-    from .analyze_svd import pair_tag
     from ..rundir import run_once
 
     if perm is not None and b_permuted is not None:
@@ -58,11 +58,7 @@ def lewc(
     status = run_once(run_dir, resolved, LEWC_OUTPUTS, lambda: result.update(lewc_checkpoints(
         a, b, cfg, run_dir, perm_path=perm, b_permuted_path=b_permuted, norm_fix=norm_fix,
         device=device or "auto", data_root=data_root)), force=force, marker="lewc.json")
-    if status == "skipped":
-        console.print(f"{run_dir}: already complete (use --force to redo)")
-        return
-    if status == "busy":
-        console.print(f"{run_dir}: another process is working on it; skipped")
+    if not step_ran(run_dir, status):
         return
     s = result["settings"]
     console.print(f"{'π(B)' if s['permuted'] else 'B (no permutation)'}, norm fix {s['norm_fix']}, "

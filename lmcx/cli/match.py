@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOption, SetOption, app, overrides
+from .app import (ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOption, SetOption, app,
+                  overrides, step_ran)
 
 
 @app.command("match")
@@ -51,10 +52,9 @@ def match(
     status = run_once(run_dir, resolved, match_outputs(len(b)), lambda: result.update(match_checkpoints(
         a, list(b), cfg, run_dir, device or "auto", data_root)), force=force, marker=METRICS_FILE)
     if status == "busy":
-        console.print(f"{run_dir}: another process is working on it; skipped")
+        step_ran(run_dir, status)
         return
-    if status == "skipped":
-        console.print(f"{run_dir}: already complete (use --force to redo)")
+    if not step_ran(run_dir, status):  # already complete: summarise the finished match
         result = read_json(run_dir / METRICS_FILE)
     for line in summary_lines(result, run_dir):
         console.print(line, markup=False)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .app import (ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOption, SetOption, app,
-                  overrides)
+                  overrides, step_ran)
 
 
 @app.command()
@@ -38,9 +38,5 @@ def train(
          "device": device, "data.root": data_root, "out": out}, set_))
     run_dir = Path(job.out) if job.out else default_run_dir(job)
     result, metrics = train_run(job, run_dir, force=force, resume=resume)
-    if result == "skipped":
-        console.print(f"{run_dir}: already complete (use --force to retrain)")
-    elif result == "busy":
-        console.print(f"{run_dir}: another process is training it; skipped")
-    elif result == "done":
+    if result != "worker" and step_ran(run_dir, result):
         console.print(f"{run_dir}: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}")
