@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from scipy.optimize import brentq
 
 from .errors import LmcxError
@@ -29,32 +28,38 @@ METHOD = ("NLL of softmax(logits / T) minimised over a scalar T > 0 (root of dNL
 
 
 def _prepare(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-major float64 logits [classes, N] (reductions over classes then run over contiguous rows,
+    several times faster on CPU than softmax over a short last axis) and the true class's logit [N]."""
     if logits.ndim != 2 or labels.ndim != 1 or len(logits) != len(labels):
         raise LmcxError(f"calibration needs logits [N, classes] and labels [N], got {list(logits.shape)} and "
                         f"{list(labels.shape)}")
     if len(labels) == 0:
         raise LmcxError("calibration needs at least one example; the calibration split is empty "
                         "(set data.calib_size > 0 when training)")
-    return logits.detach().double().cpu(), labels.detach().long().cpu()
+    z = logits.detach().double().cpu()
+    zy = z.gather(1, labels.detach().long().cpu()[:, None]).squeeze(1)
+    return z.T.contiguous(), zy
 
 
-def _nll(z: torch.Tensor, y: torch.Tensor, beta: float) -> float:
-    s = z * beta
-    return (torch.logsumexp(s, 1) - s.gather(1, y[:, None]).squeeze(1)).mean().item()
+def _nll(zt: torch.Tensor, zy: torch.Tensor, beta: float) -> float:
+    """mean(logsumexp(β z) − β z_y)."""
+    s = zt * beta
+    m = s.max(0).values
+    return (m + (s - m).exp_().sum(0).log_() - zy * beta).mean().item()
 
 
-def _slope(z: torch.Tensor, zy: torch.Tensor, beta: float) -> float:
+def _slope(zt: torch.Tensor, zy: torch.Tensor, beta: float) -> float:
     """dNLL/dβ at β: mean(E_p[z] − z_y), increasing in β."""
-    p = torch.softmax(z * beta, 1)
-    return ((p * z).sum(1) - zy).mean().item()
+    s = zt * beta
+    e = (s - s.max(0).values).exp_()
+    return ((e * zt).sum(0) / e.sum(0) - zy).mean().item()
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The T > 0 minimising mean NLL of softmax(logits / T) (see the module docstring)."""
-    z, y = _prepare(logits, labels)
+    z, zy = _prepare(logits, labels)
     if not torch.isfinite(z).all():
         return 1.0
-    zy = z.gather(1, y[:, None]).squeeze(1)
     lo, hi = math.log(1.0 / T_MAX), math.log(1.0 / T_MIN)  # u = log β
     if _slope(z, zy, math.exp(lo)) >= 0:  # the NLL increases from the smallest β on: T_MAX
         beta = math.exp(lo)
@@ -64,7 +69,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         u = brentq(lambda u: _slope(z, zy, math.exp(u)), lo, hi, xtol=1e-12, rtol=1e-12, maxiter=200)
         beta = math.exp(u)
     temperature = min(max(1.0 / beta, T_MIN), T_MAX)
-    if _nll(z, y, 1.0 / temperature) > _nll(z, y, 1.0):
+    if _nll(z, zy, 1.0 / temperature) > _nll(z, zy, 1.0):
         return 1.0
     return temperature
 
@@ -73,5 +78,5 @@ def calibrated_nll(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     """Mean NLL of softmax(logits / T), computed in float64."""
     if not temperature > 0:
         raise LmcxError(f"temperature must be > 0, got {temperature}")
-    z, y = _prepare(logits, labels)
-    return F.cross_entropy(z / temperature, y).item()
+    z, zy = _prepare(logits, labels)
+    return _nll(z, zy, 1.0 / temperature)

@@ -64,6 +64,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import InterpolateConfig, to_dict, validate
@@ -272,24 +273,25 @@ def repair(model: nn.Module, inputs: Sequence[torch.Tensor], stats_a: dict, stat
         return
 
     # Norm-free: one pass with every repaired output standardised by its batch statistics and mapped to
-    # the target, accumulating the cumulative average of batch means and (unbiased) variances like BN.
-    acc: dict[str, list] = {name: [0.0, 0.0, 0] for name, _ in points}
+    # the target (exactly a BatchNorm in train mode with weight = target std and bias = target mean),
+    # keeping the cumulative average of batch means and unbiased variances, like BN with momentum=None.
+    running = {name: [torch.zeros_like(targets[name][0]), torch.ones_like(targets[name][0]), 0]
+               for name, _ in points}
 
     def hook(name, has_bias):
         t_mean, t_std = targets[name]
 
         def fn(_module, _inp, out):
-            dims = [0] + list(range(2, out.ndim))  # every axis but the units'
+            r = running[name]
+            r[2] += 1
+            if has_bias:
+                return F.batch_norm(out, r[0], r[1], t_std, t_mean, training=True, momentum=1.0 / r[2], eps=BN_EPS)
+            # no bias to shift with: only the scale is corrected, so only the std is matched
+            dims = [0] + list(range(2, out.ndim))
             var, mean = torch.var_mean(out, dim=dims, correction=1)
-            a = acc[name]
-            a[0] = a[0] + mean.double()
-            a[1] = a[1] + var.double()
-            a[2] += 1
-            shape = (1, -1) + (1,) * (out.ndim - 2)
-            scale = t_std / (var + BN_EPS).sqrt()
-            if has_bias:  # (out − mean)·scale + target mean, in one fused op
-                return torch.addcmul((t_mean - mean * scale).view(shape), out, scale.view(shape))
-            return out * scale.view(shape)
+            r[0].mul_(1 - 1.0 / r[2]).add_(mean / r[2])
+            r[1].mul_(1 - 1.0 / r[2]).add_(var / r[2])
+            return out * (t_std / (var + BN_EPS).sqrt()).view((1, -1) + (1,) * (out.ndim - 2))
         return fn
 
     handles = [m.register_forward_hook(hook(n, m.bias is not None)) for n, m in points]
@@ -300,14 +302,13 @@ def repair(model: nn.Module, inputs: Sequence[torch.Tensor], stats_a: dict, stat
     finally:
         for h in handles:
             h.remove()
-    for name, module in points:
-        s_mean, s_var, count = acc[name]
-        mean, var = (s_mean / count), (s_var / count)
+    for name, module in points:  # fold: W' = r·W, b' = r·b + (target mean − r·mean), r = target std / std
+        mean, var, _ = running[name]
         t_mean, t_std = targets[name]
-        r = (t_std.double() / (var + BN_EPS).sqrt()).to(module.weight.dtype)
+        r = t_std / (var + BN_EPS).sqrt()
         module.weight.mul_(r.view((-1,) + (1,) * (module.weight.ndim - 1)))
         if module.bias is not None:
-            module.bias.copy_(r * module.bias + (t_mean - r * mean.to(r.dtype)))
+            module.bias.copy_(r * module.bias + (t_mean - r * mean))
 
 
 class Interpolator:

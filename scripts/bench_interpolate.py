@@ -11,13 +11,15 @@ the cost of a forward pass does not depend on training):
                  every logits tensor kept (θ(0) is shared between B's, but with one B nothing is saved)
   bare loops     `--points` plain evaluation loops (`predict`) of one model over the same two splits:
                  the floor any curve has to pay. Target: curve / bare <= 1.2.
-  reset, repair  the norm fix's own time inside a curve (BN reset for BN models; REPAIR, including its
-                 endpoint statistics, for every model), total and per λ, and the whole curve with it
+  reset, repair  the whole curve with the norm fix, and the norm fix alone (setting θ(λ) with the fix for
+                 every λ minus setting it without; REPAIR's endpoint statistics included): BN reset for
+                 BN models, REPAIR for every model
   calibration    fitting T for every λ on cached calibration-split logits plus the calibrated losses on
                  test and train: no forward pass; compared with the curve time
 
-Each timing is the best of `--repeats` runs (the machine may be shared; bare loops and the plain curve
-are run alternately). Prints one table per architecture.
+Each timing is the best of `--repeats` runs (bare loops and the plain curve run alternately). On the
+CPU the figures compared are the process's CPU time, which other processes sharing the cores barely
+disturb (wall time is shown beside it); on CUDA, wall time. Prints one table per architecture.
 """
 from __future__ import annotations
 
@@ -34,23 +36,37 @@ PRESETS = {  # (in_shape, norm, test images, train-eval images, calibration imag
 }
 
 
-def _timed(fn, repeats: int, sync) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+class Timer:
+    """Best-of-N timings. On the CPU the figure compared is the process's CPU time (robust to other
+    processes sharing the cores; with one torch thread it is the single-core time), wall time shown
+    beside it; on CUDA it is wall time after a synchronisation."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.sync = (lambda: torch.cuda.synchronize(device)) if self.cuda else (lambda: None)
+
+    def __call__(self, fn, repeats: int = 1):
+        best, wall, out = float("inf"), float("inf"), None
+        for _ in range(repeats):
+            self.sync()
+            w0, c0 = time.perf_counter(), time.process_time()
+            out = fn()
+            self.sync()
+            w, c = time.perf_counter() - w0, time.process_time() - c0
+            if (w if self.cuda else c) < best:
+                best, wall = (w if self.cuda else c), w
+        return best, wall, out
 
 
-def bench(arch: str, args) -> list[tuple[str, str, str]]:
+def bench(arch: str, args) -> list[tuple[str, str, str, str]]:
     import torch
 
+    from lmcx.calibrate import calibrated_nll
     from lmcx.config import DataConfig, ModelConfig, SyntheticConfig
     from lmcx.data import load_dataset
-    from lmcx.interpolate import evaluate_curves, fit_temperatures, summarize
+    from lmcx.interpolate import Interpolator, evaluate_curves, fit_temperatures, norm_fix_inputs
     from lmcx.models import build_model
     from lmcx.train import predict, resolve_device
 
@@ -59,7 +75,7 @@ def bench(arch: str, args) -> list[tuple[str, str, str]]:
     train_eval = args.train_eval_size or train_eval
     calib = args.calib_size or calib
     device = resolve_device(args.device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    timer = Timer(device)
     fix_images = args.norm_fix_batches * args.norm_fix_batch_size
     data = DataConfig(name="synthetic", calib_size=calib, synthetic=SyntheticConfig(
         train_size=calib + max(train_eval, fix_images), test_size=test_size, num_classes=10, shape=list(in_shape)))
@@ -86,35 +102,47 @@ def bench(arch: str, args) -> list[tuple[str, str, str]]:
     def curve(fix, use_splits=splits):
         return evaluate_curves(a, {"b": b}, ds, lambdas, fix, use_splits, **kw)
 
-    rows: list[tuple[str, str, str]] = []
-    t_bare = t_curve = float("inf")
+    rows: list[tuple[str, str, str, str]] = []
+    t_bare = t_curve = w_bare = w_curve = float("inf")
     for _ in range(args.repeats):  # interleaved, so that a change in background load hits both alike
-        t_bare = min(t_bare, _timed(bare, 1, sync)[0])
-        t_curve = min(t_curve, _timed(lambda: curve("none"), 1, sync)[0])
-    rows.append((f"{args.points} bare evaluation loops", f"{t_bare:.3f} s",
+        t, w, _ = timer(bare)
+        t_bare, w_bare = min(t_bare, t), min(w_bare, w)
+        t, w, _ = timer(lambda: curve("none"))
+        t_curve, w_curve = min(t_curve, t), min(w_curve, w)
+    rows.append((f"{args.points} bare evaluation loops", f"{t_bare:.3f}", f"{w_bare:.3f}",
                  f"{images / t_bare:,.0f} images/s"))
-    rows.append((f"{args.points}-point curve, norm fix none", f"{t_curve:.3f} s",
+    rows.append((f"{args.points}-point curve, norm fix none", f"{t_curve:.3f}", f"{w_curve:.3f}",
                  f"{t_curve / t_bare:.3f} x bare (target <= 1.2)"))
-    fixes = (["reset"] if norm == "bn" else []) + ["repair"]
-    for fix in fixes:
-        t_fix_curve, curves = _timed(lambda: curve(fix), args.repeats, sync)
-        t_fix = curves.timing["norm_fix_seconds"]
-        rows.append((f"{args.points}-point curve, norm fix {fix}", f"{t_fix_curve:.3f} s",
-                     f"{t_fix_curve / t_bare:.3f} x bare"))
-        rows.append((f"  of which {fix} passes ({args.norm_fix_batches} x {args.norm_fix_batch_size} images)",
-                     f"{t_fix:.3f} s", f"{1000 * t_fix / args.points:.1f} ms per λ; "
-                                      f"{t_fix / t_fix_curve:.0%} of the curve"))
-    # calibration from cached logits: the calib split's logits come with the curve
-    with_calib = dict(splits, calib=(ds.x_calib, ds.y_calib))
-    curves = curve("none", with_calib)
+    inputs = norm_fix_inputs(ds, args.norm_fix_batches, args.norm_fix_batch_size)
 
-    def calibrate():
-        return summarize(curves, fit_temperatures(curves, "calib"))
+    def set_all(fix):  # θ(λ) for every λ with the norm fix, no evaluation (REPAIR's endpoint statistics included)
+        interp = Interpolator(a, b, inputs if fix != "none" else [], fix)
+        for lam in lambdas:
+            interp.at(lam)
+
+    t_set, _, _ = timer(lambda: set_all("none"), args.repeats)
+    for fix in (["reset"] if norm == "bn" else []) + ["repair"]:
+        t_fix_curve, w_fix_curve, _ = timer(lambda: curve(fix), args.fix_repeats)
+        t_fix, w_fix, _ = timer(lambda: set_all(fix), args.fix_repeats)
+        t_fix -= t_set
+        rows.append((f"{args.points}-point curve, norm fix {fix}", f"{t_fix_curve:.3f}", f"{w_fix_curve:.3f}",
+                     f"{t_fix_curve / t_bare:.3f} x bare"))
+        rows.append((f"  {fix} alone ({args.norm_fix_batches} x {args.norm_fix_batch_size} images per λ)",
+                     f"{t_fix:.3f}", "", f"{1000 * t_fix / args.points:.1f} ms per λ = "
+                                         f"{t_fix / (t_bare / images * fix_images * args.points):.2f} x a bare "
+                                         f"evaluation of those images"))
+    # calibration from cached logits: the calib split's logits come with the curve
+    curves = curve("none", dict(splits, calib=(ds.x_calib, ds.y_calib)))
+
+    def calibrate():  # what calibration adds: a T per λ, then the calibrated loss on every split
+        temperatures = fit_temperatures(curves, "calib")
+        return [calibrated_nll(z, curves.targets[split], t) for split, zs in curves.logits["b"].items()
+                for z, t in zip(zs, temperatures["b"])]
 
     calibrate()  # warm-up: the first call imports scipy.optimize, a one-off cost per process
-    t_cal, _ = _timed(calibrate, args.repeats, sync)
-    rows.append((f"calibration from cached logits ({args.points} T fits on {calib} images + losses)",
-                 f"{t_cal:.3f} s", f"{t_cal / t_curve:.1%} of the curve; no forward pass"))
+    t_cal, w_cal, _ = timer(calibrate, args.repeats)
+    rows.append((f"calibration from cached logits ({args.points} T fits on {calib} images, calibrated losses)",
+                 f"{t_cal:.3f}", f"{w_cal:.3f}", f"{t_cal / t_curve:.1%} of the curve; no forward pass"))
     return rows
 
 
@@ -132,7 +160,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per timing")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (bare, curve, calibration)")
+    parser.add_argument("--fix-repeats", type=int, default=1, help="best of this many runs of the norm-fix curves")
     args = parser.parse_args()
 
     import torch
@@ -145,10 +174,11 @@ def main() -> None:
               f"test {args.test_size or test_size} + train {args.train_eval_size or train_eval} images per λ, "
               f"device {args.device}, {torch.get_num_threads()} CPU thread(s)")
         rows = bench(arch, args)
-        w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-        print(f"{'what':<{w0}}  {'time':>{w1}}  ratio / rate")
-        for what, t, note in rows:
-            print(f"{what:<{w0}}  {t:>{w1}}  {note}")
+        clock = "wall s" if args.device.startswith("cuda") else "CPU s"
+        w0 = max(len(r[0]) for r in rows)
+        print(f"{'what':<{w0}}  {clock:>8}  {'wall s':>8}  ratio / rate")
+        for what, t, wall, note in rows:
+            print(f"{what:<{w0}}  {t:>8}  {wall:>8}  {note}")
 
 
 if __name__ == "__main__":
