@@ -303,6 +303,25 @@ def tiny(tmp_path):
     return _untrained(tmp_path / "a.safetensors"), _untrained(tmp_path / "b.safetensors", seed=1)
 
 
+def test_library_entry_point_under_run_once(tmp_path, tiny):
+    """As `lmcx run` calls it: run_once holds the directory and records the settings; the step keeps them."""
+    import yaml
+
+    from lmcx.config import to_dict
+    from lmcx.interpolate import OUTPUTS
+    from lmcx.rundir import run_once
+
+    a, b = tiny
+    cfg = InterpolateConfig(points=3, calibrate=True)
+    settings = {"interpolate": to_dict(cfg), "a": str(a), "b": [str(b)], "labels": ["naive"]}
+    out = tmp_path / "step"
+    step = lambda: interpolate_checkpoints(a, [b], ["naive"], cfg, out, "cpu")  # noqa: E731
+    assert run_once(out, settings, OUTPUTS, step, marker="barrier.json") == "done"
+    assert yaml.safe_load((out / "config.yaml").read_text()) == settings
+    assert json.loads((out / "barrier.json").read_text())["calibration"]["calibrated"]
+    assert run_once(out, settings, OUTPUTS, step, marker="barrier.json") == "skipped"
+
+
 def test_bad_lambda_grid(tmp_path, tiny, cli):
     a, b = tiny
     for value in ("[0,0.5,1.5]", "[-0.1,1]"):
