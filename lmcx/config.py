@@ -7,6 +7,7 @@ the key path and the file. `to_dict(cfg)` gives the fully resolved config writte
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -251,7 +252,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LmcxError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            value = math.inf
+        if not math.isfinite(value):  # .inf / .nan would pass `> 0` checks or silently disable them
+            raise LmcxError(f"{where}: expected a finite number, got {value}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise LmcxError(f"{where}: expected a string, got {value!r}")
@@ -266,7 +273,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise LmcxError(f"{where + '.' if where else ''}{key}: unknown setting; "
+            shown = key if str(key).isprintable() else repr(key)  # a key with a newline must not break the line
+            raise LmcxError(f"{where + '.' if where else ''}{shown}: unknown setting; "
                             f"valid keys here are {', '.join(sorted(names))}")
     kwargs = {k: _convert(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
     return cls(**kwargs)
@@ -346,6 +354,13 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise LmcxError(f"{key}: {message}")
 
 
+SEED_LIMIT = 2 ** 32  # every seed feeds torch / numpy generators, which take non-negative 32/64-bit values
+
+
+def _require_seed(seed: int, key: str) -> None:
+    _require(0 <= seed < SEED_LIMIT, key, f"must be an integer in [0, 2**32), got {seed}")
+
+
 def _validate_fields(cfg: Any, prefix: str) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -367,6 +382,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
         _require(cfg.num_classes >= 2, f"{p}num_classes", "must be >= 2")
         _require(len(cfg.shape) == 3 and all(s > 0 for s in cfg.shape), f"{p}shape",
                  "must be [channels, height, width], all > 0")
+        _require_seed(cfg.seed, f"{p}seed")
     elif isinstance(cfg, TrainConfig):
         _require(cfg.epochs > 0, f"{p}epochs", f"must be > 0, got {cfg.epochs}")
         _require(cfg.lr > 0, f"{p}lr", f"must be > 0, got {cfg.lr}")
@@ -378,13 +394,17 @@ def validate(cfg: Any, prefix: str = "") -> None:
         _require(cfg.warmup_epochs >= 0, f"{p}warmup_epochs", "must be >= 0")
         _require(0 <= cfg.label_smoothing < 1, f"{p}label_smoothing", "must be in [0, 1)")
         _require(cfg.grad_clip is None or cfg.grad_clip > 0, f"{p}grad_clip", "must be > 0 or null")
+        _require(not (cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0), f"{p}nesterov",
+                 "Nesterov momentum needs train.momentum > 0")
     elif isinstance(cfg, TrainJob):
         _require(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), f"{p}device",
                  f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+        _require_seed(cfg.seed, f"{p}seed")
     elif isinstance(cfg, MatchConfig):
         _require(cfg.max_iter > 0, f"{p}max_iter", "must be > 0")
         _require(cfg.am_samples > 0, f"{p}am_samples", "must be > 0")
         _require(cfg.am_batch_size > 0, f"{p}am_batch_size", "must be > 0")
+        _require_seed(cfg.seed, f"{p}seed")
     elif isinstance(cfg, SteConfig):
         _require(cfg.epochs > 0, f"{p}epochs", f"must be > 0, got {cfg.epochs}")
         _require(cfg.lr > 0, f"{p}lr", f"must be > 0, got {cfg.lr}")
@@ -404,6 +424,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
     elif isinstance(cfg, SvdConfig):
         _require(all(0 <= g <= 1 for g in cfg.gammas) and cfg.gammas, f"{p}gammas", "each γ must be in [0, 1]")
         _require(cfg.wm_max_iter > 0, f"{p}wm_max_iter", "must be > 0")
+        _require_seed(cfg.wm_seed, f"{p}wm_seed")
     elif isinstance(cfg, LewcConfig):
         _require(all(0 <= x <= 1 for x in cfg.lambdas) and cfg.lambdas, f"{p}lambdas", "each λ must be in [0, 1]")
         _require(cfg.samples > 0, f"{p}samples", "must be > 0")
@@ -421,6 +442,8 @@ def _validate_experiment(cfg: ExperimentConfig) -> None:
     _require(all(w > 0 for w in cfg.widths), "widths", f"every width must be > 0, got {cfg.widths}")
     _require(len(cfg.seeds) >= 2, "seeds", "list at least two seeds (a pair of models), e.g. seeds: [0, 1]")
     _require(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", f"seeds repeat: {cfg.seeds}")
+    for seed in cfg.seeds:
+        _require_seed(seed, "seeds")
     _require(len(set(cfg.widths)) == len(cfg.widths), "widths", f"widths repeat: {cfg.widths}")
     for m in cfg.methods:
         _require(m in METHODS, "methods", f"unknown method {m!r}; choose from {', '.join(METHODS)}")
