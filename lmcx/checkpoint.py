@@ -8,6 +8,8 @@ file used for `--resume` is read with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import json
+import pickle
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,10 @@ class Checkpoint:
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in ckpt.state.items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"lmcx": json.dumps(ckpt.header())})
+        try:
+            save_file(state, str(tmp), metadata={"lmcx": json.dumps(ckpt.header())})
+        except SafetensorError as e:  # safetensors reports I/O failures (a full disk) as its own type
+            raise OSError(str(e)) from None
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -108,13 +113,22 @@ def build_from_checkpoint(ckpt: Checkpoint, device: torch.device | str = "cpu") 
 
 def save_train_state(path: str | Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a full disk as "unexpected pos ..."
+            raise OSError(f"torch.save failed ({str(e).splitlines()[0]})") from None
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
     """weights_only=True: a crafted pickle cannot run code here."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: not the user's concern
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise LmcxError(f"cannot resume from {path}: refused to load it (it holds objects other than tensors and "
+                        "plain values, which could run code, or it is corrupt); delete it and re-run without "
+                        "--resume") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
         raise LmcxError(f"cannot resume from {path}: {str(e).splitlines()[0]}; delete it and re-run without "
                         "--resume") from None
