@@ -15,6 +15,7 @@ synchronises with the host: losses are summed on the device and read once per ep
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import platform
@@ -180,6 +181,14 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
         raise LmcxError(f"train.batch_size={cfg.batch_size} is larger than the training set "
                         f"({len(ds.y_train)} images); lower it")
     model = build_model(job.model, ds.in_shape, ds.num_classes).to(device)
+    if 1 in {len(range(r, m, dist.world_size)) for m in (cfg.batch_size, len(ds.y_train) % cfg.batch_size) if m
+             for r in range(dist.world_size)}:
+        try:  # BatchNorm cannot train on one image unless it has spatial positions to average over (on a copy)
+            copy.deepcopy(model).train()(ds.normalize(ds.x_train[:1]))
+        except ValueError:
+            raise LmcxError(f"train.batch_size={cfg.batch_size} leaves a batch of one image ({len(ds.y_train)} "
+                            "training images), on which BatchNorm cannot train; change train.batch_size or "
+                            "data.train_size") from None
     if device.type == "cuda" and job.model.arch != "mlp":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model.parameters(), cfg)
@@ -192,10 +201,16 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
     state_path = run_dir / STATE_FILE
     if resume and state_path.is_file():
         state = load_train_state(state_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], state["history"]
+        try:  # a state of another model, or not a state at all: one clear line, not a traceback
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, history = state["epoch"], state["history"]
+            if not (isinstance(start_epoch, int) and 0 <= start_epoch <= cfg.epochs and len(history) == start_epoch):
+                raise ValueError(f"epoch {start_epoch!r} of {cfg.epochs} with {len(history)} history rows")
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise LmcxError(f"cannot resume from {state_path}: it does not fit this run ({str(e).splitlines()[0]}); "
+                            "delete it and re-run without --resume") from None
         if dist.is_main:
             console.print(f"resuming {run_dir} after epoch {start_epoch}/{cfg.epochs}")
 
