@@ -135,9 +135,12 @@ def load_permutation_file(path, spec: PermutationSpec, params: StateDict) -> dic
     if not isinstance(data, dict) or data.get("format") != "lmcx-permutation" or \
             not isinstance(data.get("permutations"), dict):
         raise LmcxError(f"{path} is not an lmcx permutation file; use one written by `lmcx match`")
+    for k, v in data["permutations"].items():  # torch.tensor(..., dtype=long) would truncate 1.7 or True to 1
+        if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise LmcxError(f"{path}: permutation {k!r} must be a list of integers")
     try:
         perm = {k: torch.tensor(v, dtype=torch.long) for k, v in data["permutations"].items()}
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError, OverflowError):
         raise LmcxError(f"{path}: permutations must be lists of integers") from None
     try:
         check_permutation(spec, perm, params)
