@@ -200,6 +200,7 @@ def run_experiment(cfg: ExperimentConfig, *, dry_run: bool = False, force: bool 
             results[step.label] = {"status": "blocked", "reason": f"needs {blocked[0]}, which failed",
                                    "out": str(step.out)}
             console.print(f"[{i}/{len(steps)}] {step.label}: blocked (needs {blocked[0]}, which failed)", markup=False)
+            write_json(root / STEPS_FILE, results)  # recorded even when it is the last step
             continue
         started = time.perf_counter()
         try:
@@ -231,6 +232,9 @@ def load_experiment_settings(root: Path) -> ExperimentConfig:
     if not path.is_file():
         raise LmcxError(f"{root} has no {EXPERIMENT_FILE}; pass the output folder of an `lmcx run`")
     try:
-        return from_dict(ExperimentConfig, yaml.safe_load(path.read_text()), "")
-    except (LmcxError, yaml.YAMLError) as e:
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise LmcxError(f"expected a mapping of settings, got {type(data).__name__}")
+        return from_dict(ExperimentConfig, data, "")
+    except (LmcxError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise LmcxError(f"{path} is unreadable ({e}); re-run `lmcx run` to rewrite it") from None
