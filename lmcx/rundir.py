@@ -91,6 +91,8 @@ def start(run_dir: str | Path, resolved: dict[str, Any], outputs: list[str], mar
             shutil.rmtree(target)
         else:
             target.unlink(missing_ok=True)
+    for stale in run_dir.glob(".*.tmp"):  # temporary files of a writer that was killed (io.atomic_path);
+        stale.unlink(missing_ok=True)     # we hold the directory's lock, so no live writer owns them
     write_yaml(run_dir / CONFIG_FILE, resolved)
 
 

@@ -31,4 +31,6 @@ def main() -> None:
             console.print(f"error: {e.format_message()}{hint}", markup=False)
             sys.exit(e.exit_code)
         raise
+    if code == 130:  # typer itself turns Ctrl-C into a return code of 130, without a word
+        console.print("interrupted", markup=False)
     sys.exit(code if isinstance(code, int) else 0)

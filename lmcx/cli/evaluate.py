@@ -21,6 +21,7 @@ def evaluate(
     from ..checkpoint import build_from_checkpoint, load_checkpoint
     from ..data import load_dataset
     from ..errors import LmcxError
+    from ..io import _json_safe
     from ..train import evaluate as evaluate_model, resolve_device
 
     if split not in ("train", "calib", "test"):
@@ -31,4 +32,5 @@ def evaluate(
     dev = resolve_device(device or "auto")
     ds = load_dataset(ckpt.data, dev)
     result = evaluate_model(build_from_checkpoint(ckpt, dev), ds, split)
-    typer.echo(json.dumps({"model": str(ckpt.path), "split": split, **result}))
+    # strict JSON: a non-finite loss (a diverged model) is printed as null, not NaN
+    typer.echo(json.dumps(_json_safe({"model": str(ckpt.path), "split": split, **result}), allow_nan=False))
