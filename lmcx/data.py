@@ -153,7 +153,11 @@ def _load_imagefolder(cfg: DataConfig, root: Path) -> Arrays:
             raise LmcxError(f"imagefolder: no images under {folder}")
         if len({im.shape for im in images}) != 1:
             raise LmcxError(f"imagefolder: images under {folder} differ in size; resize them to one size first")
-        splits[split] = (np.stack(images).transpose(0, 3, 1, 2).copy(), np.asarray(labels, dtype=np.int64))
+        # Files are read class by class; a fixed shuffle makes every "first N images" subset (train_size,
+        # evaluation subsets, activation-matching samples) hold all classes, as in MNIST's original order.
+        order = np.random.default_rng(0).permutation(len(labels))
+        splits[split] = (np.stack(images).transpose(0, 3, 1, 2)[order].copy(),
+                         np.asarray(labels, dtype=np.int64)[order])
     return Arrays(*splits["train"], *splits["test"], len(classes or []))
 
 
@@ -167,6 +171,7 @@ DATASETS: dict[str, Callable[[DataConfig, Path], Arrays]] = {
     "imagefolder": _load_imagefolder,
 }
 GENERATED = ("digits", "synthetic")  # cheap to make: not cached on disk
+CACHE_FORMAT = 2  # bump when a loader's output changes, so stale caches are not reused (2: shuffled imagefolder)
 
 
 def _cache_file(cfg: DataConfig, root: Path) -> Path:
@@ -176,7 +181,7 @@ def _cache_file(cfg: DataConfig, root: Path) -> Path:
         source += ":" + str((base if base.is_absolute() else root / base).resolve())
     else:
         source += ":" + str(root.resolve())
-    key = hashlib.sha1(source.encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{source}:v{CACHE_FORMAT}".encode()).hexdigest()[:16]
     return cache_dir() / "datasets" / f"{cfg.name}-{key}.npz"
 
 
@@ -212,9 +217,10 @@ def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset
         raise LmcxError(f"data.calib_size={cfg.calib_size} leaves no training images ({n} in {cfg.name}); "
                         "lower it")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(CALIBRATION_SPLIT_SEED))
-    calib_idx, train_idx = order[: cfg.calib_size], order[cfg.calib_size:].sort().values
-    if cfg.train_size is not None:
+    calib_idx, train_idx = order[: cfg.calib_size], order[cfg.calib_size:]
+    if cfg.train_size is not None:  # a random subset: datasets stored class by class stay balanced
         train_idx = train_idx[: cfg.train_size]
+    train_idx = train_idx.sort().values
     x = torch.from_numpy(a.x_train)
     y = torch.from_numpy(a.y_train)
     x_train = x[train_idx]

@@ -108,3 +108,14 @@ def test_imagefolder_errors(tmp_path):
     _write_imagefolder(tmp_path / "mixed", sizes=((4, 4), (5, 5)))
     with pytest.raises(LmcxError, match="differ in size"):
         load_arrays(DataConfig(name="imagefolder", root=str(tmp_path), path="mixed"))
+
+
+def test_subsets_of_class_ordered_data_hold_every_class(tmp_path):
+    """Image folders are read class by class: train_size and every first-N subset must still be balanced."""
+    _write_imagefolder(tmp_path / "tree")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), path="tree", calib_size=2, train_size=4)
+    ds = load_dataset(cfg)
+    assert sorted(set(ds.y_train.tolist())) == [0, 1]
+    arrays = load_arrays(cfg)
+    assert set(arrays.y_train[:4].tolist()) == {0, 1}
+
