@@ -191,6 +191,7 @@ def run_experiment(cfg: ExperimentConfig, *, dry_run: bool = False, force: bool 
         console.print(f"{len(steps)} steps, {todo} to do", markup=False)
         return {}
     write_yaml(root / EXPERIMENT_FILE, to_dict(cfg))
+    earlier = _read_steps(root)
     results: dict[str, dict[str, Any]] = {}
     failed: set[str] = set()
     for i, step in enumerate(steps, 1):
@@ -206,8 +207,12 @@ def run_experiment(cfg: ExperimentConfig, *, dry_run: bool = False, force: bool 
         try:
             status = run_once(step.out, step.settings, [step.marker], step.action, force=force, wait=True,
                               keep=step.keep, marker=step.marker)
-            results[step.label] = {"status": status, "out": str(step.out),
-                                   "seconds": round(time.perf_counter() - started, 2)}
+            seconds = round(time.perf_counter() - started, 2)
+            results[step.label] = {"status": status, "out": str(step.out), "seconds": seconds}
+            if status == "skipped" and "seconds_when_done" in earlier.get(step.label, {}):
+                results[step.label]["seconds_when_done"] = earlier[step.label]["seconds_when_done"]
+            elif status == "done":
+                results[step.label]["seconds_when_done"] = seconds
             console.print(f"[{i}/{len(steps)}] {step.label}: {status} ({time.perf_counter() - started:.1f} s)",
                           markup=False)
         except LmcxError as e:
@@ -223,6 +228,17 @@ def run_experiment(cfg: ExperimentConfig, *, dry_run: bool = False, force: bool 
         write_json(root / STEPS_FILE, results)
     write_report(root)
     return results
+
+
+def _read_steps(root: Path) -> dict[str, Any]:
+    """steps.json of an earlier run (so a re-run keeps how long each skipped step once took), or {}."""
+    from .io import read_json
+
+    try:
+        earlier = read_json(root / STEPS_FILE) if (root / STEPS_FILE).is_file() else {}
+    except LmcxError:
+        return {}
+    return earlier if isinstance(earlier, dict) else {}
 
 
 def load_experiment_settings(root: Path) -> ExperimentConfig:

@@ -1,5 +1,6 @@
 """`lmcx run`: a whole experiment from one YAML; resumable, incremental, validated before training."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -53,6 +54,9 @@ def test_run_writes_report_and_rerun_is_incremental(tmp_path, cli):
     assert again.code == 0
     assert again.err.count(": done") == 0 and again.err.count(": skipped") >= 7
     assert (out / "train/w0.125-s0/model.safetensors").stat().st_mtime_ns == stamp
+    steps = json.loads((out / "steps.json").read_text())
+    assert steps["train w0.125-s0"]["status"] == "skipped"
+    assert steps["train w0.125-s0"]["seconds_when_done"] > 0  # how long it took is not forgotten
 
     # Adding a seed trains exactly the new model (and the new pairs' steps).
     grown = write_yaml(tmp_path / "exp2.yaml", EXPERIMENT.replace("seeds: [0, 1]", "seeds: [0, 1, 2]"))
