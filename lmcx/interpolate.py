@@ -72,6 +72,7 @@ from .console import progress_bar
 from .data import Dataset
 from .errors import LmcxError
 from .io import atomic_path, read_json, write_csv, write_json, write_yaml
+from .models import forward_hooks
 from .train import loss_and_accuracy, predict
 
 LAMBDA_CONVENTION = "theta(lambda) = (1 - lambda) * theta_A + lambda * theta_B; lambda = 0 is A"
@@ -213,7 +214,6 @@ def activation_stats(model: nn.Module, names: Sequence[str], inputs: Sequence[to
                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-unit mean and (population) std of the outputs of modules `names` of `model` in eval mode,
     over `inputs` (float64)."""
-    modules = dict(model.named_modules())
     sums: dict[str, list] = {n: [0.0, 0.0, 0] for n in names}
 
     def hook(name):
@@ -226,16 +226,12 @@ def activation_stats(model: nn.Module, names: Sequence[str], inputs: Sequence[to
             acc[2] += out.numel() // out.shape[1]
         return fn
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
     was_training = model.training
     model.eval()
-    try:
+    with forward_hooks(model, {n: hook(n) for n in names}):
         for x in inputs:
             model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    model.train(was_training)
     stats = {}
     for n, (s, s2, count) in sums.items():
         mean = s / count
@@ -294,14 +290,10 @@ def repair(model: nn.Module, inputs: Sequence[torch.Tensor], stats_a: dict, stat
             return out * (t_std / (var + BN_EPS).sqrt()).view((1, -1) + (1,) * (out.ndim - 2))
         return fn
 
-    handles = [m.register_forward_hook(hook(n, m.bias is not None)) for n, m in points]
     model.eval()
-    try:
+    with forward_hooks(model, {n: hook(n, m.bias is not None) for n, m in points}):
         for x in inputs:
             model(x)
-    finally:
-        for h in handles:
-            h.remove()
     for name, module in points:  # fold: W' = r·W, b' = r·b + (target mean − r·mean), r = target std / std
         mean, var, _ = running[name]
         t_mean, t_std = targets[name]

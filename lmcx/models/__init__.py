@@ -11,7 +11,9 @@ To add an architecture, write its module and list it in ARCHITECTURES (and in Mo
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import ModuleType
+from typing import Callable, Iterator, Mapping
 
 from torch import nn
 
@@ -49,3 +51,20 @@ def permutation_spec(cfg: ModelConfig) -> PermutationSpec:
 
 def feature_points(cfg: ModelConfig) -> list[str]:
     return _architecture(cfg).feature_points(cfg)
+
+
+@contextmanager
+def forward_hooks(model: nn.Module, hooks: Mapping[str, Callable]) -> Iterator[None]:
+    """Forward hooks on the named modules of `model` for the duration of the block (feature analyses,
+    activation matching, REPAIR); a name the model lacks means a spec that does not fit the model."""
+    modules = dict(model.named_modules())
+    missing = [name for name in hooks if name not in modules]
+    if missing:
+        raise LmcxError(f"the model has no module {missing[0]!r}; the permutation spec or feature points do not "
+                        "match this architecture")
+    handles = [modules[name].register_forward_hook(fn) for name, fn in hooks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

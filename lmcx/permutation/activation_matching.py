@@ -28,9 +28,8 @@ beyond one batch.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -101,27 +100,17 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return torch.movedim(x, 1, -1).reshape(-1, x.shape[1])
 
 
-@contextmanager
-def _hooks(model: nn.Module, names: list[str], store: dict[str, torch.Tensor]) -> Iterator[None]:
-    handles = []
-    try:
-        for name in names:
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise LmcxError(f"the model has no module {name!r} that its permutation spec names as an "
-                                "activation point; the spec does not match this architecture") from None
-            def hook(_m, inputs, out, name=name):
-                store[name] = out
-                pre = inputs[0] if inputs and torch.is_tensor(inputs[0]) else None
-                if pre is not None and pre.shape == out.shape and pre is not out:
-                    store["pre:" + name] = pre
-
-            handles.append(module.register_forward_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+def _store_outputs(names: list[str], store: dict[str, torch.Tensor]) -> dict:
+    """Hooks keeping each activation point's output, and its input when it is the pre-activation of the
+    same units (a ReLU's input), which breaks ties between units whose outputs are all zero."""
+    def hook(name):
+        def fn(_m, inputs, out):
+            store[name] = out
+            pre = inputs[0] if inputs and torch.is_tensor(inputs[0]) else None
+            if pre is not None and pre.shape == out.shape and pre is not out:
+                store["pre:" + name] = pre
+        return fn
+    return {name: hook(name) for name in names}
 
 
 @torch.inference_mode()
@@ -136,6 +125,8 @@ def activation_correlations(
 ) -> ActivationStats:
     """Correlation matrices of A's and B's units per permutation, summed over its activation points,
     from one pass over the first `samples` training images (see the module docstring)."""
+    from ..models import forward_hooks  # here: lmcx.models itself imports lmcx.permutation
+
     t0 = time.perf_counter()
     if samples <= 0 or batch_size <= 0:
         raise LmcxError(f"activation matching needs samples > 0 and batch_size > 0, got {samples} and {batch_size}")
@@ -157,7 +148,8 @@ def activation_correlations(
     model_a.eval()
     model_b.eval()
     try:
-        with _hooks(model_a, points, acts_a), _hooks(model_b, points, acts_b):
+        with forward_hooks(model_a, _store_outputs(points, acts_a)), \
+                forward_hooks(model_b, _store_outputs(points, acts_b)):
             for start in range(0, used, batch_size):
                 x = ds.normalize(x_train[start:start + batch_size].to(device))
                 acts_a.clear()
