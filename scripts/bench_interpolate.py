@@ -10,10 +10,13 @@ the cost of a forward pass does not depend on training):
   curve (none)   `evaluate_curves` with norm fix none: a `--points` grid, test split + training subset,
                  every logits tensor kept (θ(0) is shared between B's, but with one B nothing is saved)
   bare loops     `--points` plain evaluation loops (`predict`) of one model over the same two splits:
-                 the floor any curve has to pay. Target: curve / bare <= 1.2.
+                 the floor any curve has to pay. Target: curve / bare <= 1.2. Also, and interleaved with
+                 them, the same forwards in a plain PyTorch loop over the splits already normalised to
+                 float tensors (what `predict`'s per-batch normalisation of uint8 images costs)
   reset, repair  the whole curve with the norm fix, and the norm fix alone (setting θ(λ) with the fix for
                  every λ minus setting it without; REPAIR's endpoint statistics included): BN reset for
-                 BN models, REPAIR for every model
+                 BN models, REPAIR for every model. The curve's ratio to the bare loops is shown with and
+                 without the norm fix's own time (the target, <= 1.2, is for the curve without it)
   calibration    fitting T for every λ on cached calibration-split logits plus the calibrated losses on
                  test and train: no forward pass; compared with the curve time
 
@@ -102,17 +105,31 @@ def bench(arch: str, args) -> list[tuple[str, str, str, str]]:
     def curve(fix, use_splits=splits):
         return evaluate_curves(a, {"b": b}, ds, lambdas, fix, use_splits, **kw)
 
+    floats = [ds.normalize(x) for x, _y in splits.values()]  # pre-normalised, outside the timings
+
+    @torch.inference_mode()
+    def bare_float():  # plain PyTorch: float tensors already in memory, the model called on slices
+        for _ in lambdas:
+            for xf in floats:
+                for s in range(0, len(xf), args.eval_batch_size):
+                    a(xf[s:s + args.eval_batch_size])
+
     rows: list[tuple[str, str, str, str]] = []
-    t_bare = t_curve = w_bare = w_curve = float("inf")
+    t_bare = t_curve = w_bare = w_curve = t_float = w_float = float("inf")
     for _ in range(args.repeats):  # interleaved, so that a change in background load hits both alike
         t, w, _ = timer(bare)
         t_bare, w_bare = min(t_bare, t), min(w_bare, w)
         t, w, _ = timer(lambda: curve("none"))
         t_curve, w_curve = min(t_curve, t), min(w_curve, w)
+        t, w, _ = timer(bare_float)
+        t_float, w_float = min(t_float, t), min(w_float, w)
     rows.append((f"{args.points} bare evaluation loops", f"{t_bare:.3f}", f"{w_bare:.3f}",
                  f"{images / t_bare:,.0f} images/s"))
+    rows.append((f"{args.points} plain loops over pre-normalised float tensors", f"{t_float:.3f}", f"{w_float:.3f}",
+                 f"{images / t_float:,.0f} images/s; lmcx's predict (uint8 normalised per batch) = "
+                 f"{t_bare / t_float:.3f} x this"))
     rows.append((f"{args.points}-point curve, norm fix none", f"{t_curve:.3f}", f"{w_curve:.3f}",
-                 f"{t_curve / t_bare:.3f} x bare (target <= 1.2)"))
+                 f"{t_curve / t_bare:.3f} x bare (target <= 1.2); {t_curve / t_float:.3f} x the plain float loops"))
     inputs = norm_fix_inputs(ds, args.norm_fix_batches, args.norm_fix_batch_size)
 
     def set_all(fix):  # θ(λ) for every λ with the norm fix, no evaluation (REPAIR's endpoint statistics included)
@@ -126,7 +143,8 @@ def bench(arch: str, args) -> list[tuple[str, str, str, str]]:
         t_fix, w_fix, _ = timer(lambda: set_all(fix), args.fix_repeats)
         t_fix -= t_set
         rows.append((f"{args.points}-point curve, norm fix {fix}", f"{t_fix_curve:.3f}", f"{w_fix_curve:.3f}",
-                     f"{t_fix_curve / t_bare:.3f} x bare"))
+                     f"{t_fix_curve / t_bare:.3f} x bare; {(t_fix_curve - t_fix) / t_bare:.3f} x bare without "
+                     f"the {fix} passes (target <= 1.2)"))
         rows.append((f"  {fix} alone ({args.norm_fix_batches} x {args.norm_fix_batch_size} images per λ)",
                      f"{t_fix:.3f}", "", f"{1000 * t_fix / args.points:.1f} ms per λ = "
                                          f"{t_fix / (t_bare / images * fix_images * args.points):.2f} x a bare "
