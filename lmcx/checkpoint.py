@@ -44,13 +44,26 @@ class Checkpoint:
         return str(self.path) if self.path else f"{self.model.arch} w{self.model.width:g}"
 
 
-def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in ckpt.state.items()}
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> None:
+    """A safetensors file of `tensors` with `header` as its `lmcx` JSON metadata, written atomically."""
     with atomic_path(path) as tmp:
         try:
-            save_file(state, str(tmp), metadata={"lmcx": json.dumps(ckpt.header())})
+            save_file(tensors, str(tmp), metadata={"lmcx": json.dumps(header)})
         except SafetensorError as e:  # safetensors reports I/O failures (a full disk) as its own type
             raise OSError(str(e)) from None
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The tensors of a safetensors file and its `lmcx` metadata (None when absent). Raises SafetensorError,
+    OSError or ValueError for an unreadable file: callers say what the file should have been."""
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        header = (f.metadata() or {}).get("lmcx")
+    return tensors, (json.loads(header) if header is not None else None)
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
+    write_tensors(path, {k: v.detach().contiguous().cpu() for k, v in ckpt.state.items()}, ckpt.header())
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -69,16 +82,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not path.exists():
         raise LmcxError(f"checkpoint {path} does not exist; pass a model.safetensors file or a run directory")
     try:
-        state = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, UnicodeDecodeError) as e:
+        state, header = read_tensors(path)
+    except (SafetensorError, OSError, UnicodeDecodeError) as e:
         raise LmcxError(f"{path} is not a readable safetensors checkpoint ({e}); it may be truncated or "
                         "corrupt: re-create it") from None
-    if "lmcx" not in meta:
+    except ValueError as e:  # the metadata is not JSON
+        raise LmcxError(f"{path} has unreadable lmcx metadata ({e}); re-create the checkpoint") from None
+    if header is None:
         raise LmcxError(f"{path} has no lmcx metadata; use a checkpoint written by `lmcx train` or `lmcx match`")
     try:
-        header = json.loads(meta["lmcx"])
         model = from_dict(ModelConfig, header["model"], "model")
         data = from_dict(DataConfig, header["data"], "data")
         return Checkpoint(model, data, tuple(header["in_shape"]), int(header["num_classes"]), state,

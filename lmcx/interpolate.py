@@ -55,7 +55,6 @@ barrier.json:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -71,7 +70,7 @@ from .config import InterpolateConfig, to_dict, validate
 from .console import progress_bar
 from .data import Dataset
 from .errors import LmcxError
-from .io import atomic_path, read_json, write_csv, write_json, write_yaml
+from .io import read_json, write_csv, write_json, write_yaml
 from .models import forward_hooks
 from .train import loss_and_accuracy, predict
 
@@ -478,8 +477,7 @@ def evaluate_curves(model_a: nn.Module, models_b: dict[str, nn.Module], ds: Data
 
 
 def save_curves(path: str | Path, curves: Curves, info: dict[str, Any] | None = None) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    from .checkpoint import write_tensors
 
     tensors = {"lambdas": torch.tensor(curves.lambdas, dtype=torch.float64)}
     for split, y in curves.targets.items():
@@ -487,26 +485,20 @@ def save_curves(path: str | Path, curves: Curves, info: dict[str, Any] | None = 
     for i, label in enumerate(curves.labels):
         for split, z in curves.logits[label].items():
             tensors[f"logits/{i}/{split}"] = z.contiguous()
-    meta = {"labels": curves.labels, "splits": sorted(curves.targets), "lambda_convention": LAMBDA_CONVENTION,
-            **(info or {})}
-    with atomic_path(path) as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata={"lmcx": json.dumps(meta)})
-        except SafetensorError as e:  # safetensors reports I/O failures (a full disk) as its own type
-            raise OSError(str(e)) from None
+    write_tensors(path, tensors, {"labels": curves.labels, "splits": sorted(curves.targets),
+                                  "lambda_convention": LAMBDA_CONVENTION, **(info or {})})
 
 
 def load_curves(path: str | Path) -> Curves:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+
+    from .checkpoint import read_tensors
 
     path = Path(path)
     if not path.is_file():
         raise LmcxError(f"{path} does not exist; run `lmcx interpolate` into {path.parent} first")
     try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {})["lmcx"])
+        tensors, meta = read_tensors(path)
         labels = list(meta["labels"])
         targets = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("targets/")}
         logits: dict[str, dict[str, torch.Tensor]] = {label: {} for label in labels}

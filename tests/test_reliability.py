@@ -536,11 +536,11 @@ def test_full_disk_during_training(tmp_path, synthetic_config, cli, monkeypatch,
 def test_full_disk_while_caching_logits(tmp_path, models, cli, monkeypatch):
     from safetensors import SafetensorError
 
-    import safetensors.torch
+    import lmcx.checkpoint  # every safetensors file (checkpoints, logits caches) is written through it
 
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(lmcx.checkpoint, "save_file", full)
     out = tmp_path / "i"
     assert_clean_error(cli(*interpolate_args(models, out)), "logits.safetensors", "No space left on device")
     assert not (out / "barrier.json").exists() and temp_files(out) == []
