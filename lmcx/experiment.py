@@ -70,7 +70,7 @@ def experiment_dir(cfg: ExperimentConfig) -> Path:
 
 def plan(cfg: ExperimentConfig) -> list[Step]:
     """Every step of the experiment, in an order that respects what each needs."""
-    from .train import RUN_OUTPUTS, STATE_FILE, train
+    from .train import STATE_FILE, train
 
     root = experiment_dir(cfg)
     steps: dict[str, Step] = {}
