@@ -184,9 +184,13 @@ def crop_flip(padded, h: int, w: int, padding: int, generator):
 
     n, c, hp, wp = padded.shape
     dev = padded.device
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(dev, non_blocking=True)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(dev, non_blocking=True)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(dev, non_blocking=True)
+
+    def to_dev(t):  # pinned and non-blocking on CUDA: no host-device synchronisation
+        return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+
+    dy = to_dev(torch.randint(0, 2 * padding + 1, (n,), generator=generator))
+    dx = to_dev(torch.randint(0, 2 * padding + 1, (n,), generator=generator))
+    flip = to_dev(torch.rand(n, generator=generator) < 0.5)
     rows = dy[:, None] + torch.arange(h, device=dev)
     cols = dx[:, None] + torch.arange(w, device=dev)
     cols = torch.where(flip[:, None], cols.flip(-1), cols)
@@ -328,7 +332,7 @@ def bench_data(args, device) -> list[dict]:
         rows.append(dict(what=f"data path, {n} {'CIFAR-10' if args.data_root else 'CIFAR-sized'} images, crop+flip: lmcx vs DataLoader num_workers={w}",
                          lmcx=med(lw), base=med(bw), ratio=med(lw) / med(bw),
                          pair_ratio=med([a / b for a, b in zip(lw, bw)]),
-                         cpu_ratio=med(lc) / med(bc) if w == 0 else None, target=3.0,
+                         cpu_ratio=med(lc) / med(bc) if w == 0 and device.type == "cpu" else None, target=3.0,
                          detail=f"{reps} repetitions; wall images/s lmcx {fmt(lw)}, DataLoader {fmt(bw)}"
                                 + (f"; CPU-time images/s lmcx {fmt(lc)}, DataLoader {fmt(bc)}" if w == 0 else
                                    " (the workers' CPU time is not the main process's: no CPU-time ratio)")))
@@ -364,7 +368,8 @@ def bench_loop(case: Case, args, device) -> dict:
     (lw, lc), (bw, bc) = _rates(n, lm), _rates(n, bare)
     med = statistics.median
     return dict(what=f"train loop, {case.name}: {n} images x {E} epoch(s), {steps} steps of {args.batch_size}",
-                lmcx=med(lw), base=med(bw), ratio=med(lw) / med(bw), cpu_ratio=med(lc) / med(bc),
+                lmcx=med(lw), base=med(bw), ratio=med(lw) / med(bw),
+                cpu_ratio=med(lc) / med(bc) if device.type == "cpu" else None,  # host CPU time says little on a GPU
                 pair_ratio=med([a / b for a, b in zip(lw, bw)]), target=0.95,
                 detail=f"wall images/s lmcx {fmt(lw)}, bare {fmt(bw)}; CPU-time images/s lmcx {fmt(lc)}, "
                        f"bare {fmt(bc)}; bit-identical final weights in {sum(same)}/{len(same)} repetitions; "
