@@ -14,6 +14,9 @@ if [ $# -lt 4 ]; then
 fi
 config=$1 out=$2 widths=$3 seeds=$4 jobs=${5:-2}
 lmcx=${LMCX:-lmcx}
+# One share of the cores per job: more threads than cores makes every job many times slower.
+cores=$(nproc 2>/dev/null || echo 1)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / jobs > 0 ? cores / jobs : 1 ))}
 for w in $widths; do for s in $seeds; do printf '%s %s\n' "$w" "$s"; done; done |
   xargs -P "$jobs" -L 1 sh -c \
     '"$0" train -c "$1" --out "$2/w$4-s$5" --width "$4" --seed "$5" --resume $3' \
