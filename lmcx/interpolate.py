@@ -142,10 +142,15 @@ def model_norm(model: nn.Module) -> str:
     return "none"
 
 
+def check_norm_fix(setting: str, name: str = "norm_fix") -> None:
+    """Refuse an unknown norm fix, naming the setting or flag (`name`) it came from."""
+    if setting not in ("auto",) + NORM_FIXES:
+        raise LmcxError(f"{name} {setting!r}: choose auto, reset, repair or none")
+
+
 def resolve_norm_fix(setting: str, norm: str) -> str:
     """`auto` -> reset for BN models, none otherwise; an explicit choice is checked against `norm`."""
-    if setting not in ("auto",) + NORM_FIXES:
-        raise LmcxError(f"norm_fix {setting!r}: choose auto, reset, repair or none")
+    check_norm_fix(setting)
     if setting == "auto":
         return "reset" if norm == "bn" else "none"
     if setting == "reset" and norm != "bn":

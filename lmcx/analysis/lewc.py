@@ -475,8 +475,6 @@ def lewc_checkpoints(a_path, b_path, cfg: LewcConfig, out_dir, perm_path=None, b
     state_bp, permutation = permuted_b(ckpt_a, ckpt_b, perm_path, b_permuted_path, on_the_fly=False)
     if state_bp is not None:
         ckpt_b.state = state_bp
-    if norm_fix not in ("auto", "reset", "repair", "none"):
-        raise LmcxError(f"norm fix {norm_fix!r}: choose auto, reset, repair or none")
     resolved_fix = resolve_norm_fix(norm_fix, ckpt_a.model.norm)
     if data_root is not None:
         ckpt_a.data.root = str(data_root)

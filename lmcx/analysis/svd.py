@@ -248,6 +248,12 @@ def csv_rows(result: dict[str, Any], weighted: bool = False) -> list[dict[str, A
 SVD_OUTPUTS = ["svd.json", "svd.csv", "svd_spectra.png", "svd_alignment.png"]
 
 
+def check_permutation_source(perm_path, b_permuted_path) -> None:
+    """π(B) comes from a permutation file or a permuted checkpoint, never both."""
+    if perm_path is not None and b_permuted_path is not None:
+        raise LmcxError("give either --perm or --b-permuted, not both")
+
+
 def permuted_b(ckpt_a, ckpt_b, perm_path=None, b_permuted_path=None, *, wm_seed: int = 0, wm_max_iter: int = 100,
                on_the_fly: bool = True, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
     """π(B)'s state dict and a description of where π came from.
@@ -259,8 +265,7 @@ def permuted_b(ckpt_a, ckpt_b, perm_path=None, b_permuted_path=None, *, wm_seed:
     from ..models import permutation_spec
     from ..permutation.spec import apply_permutation, load_permutation_file
 
-    if perm_path is not None and b_permuted_path is not None:
-        raise LmcxError("give either --perm or --b-permuted, not both")
+    check_permutation_source(perm_path, b_permuted_path)
     if perm_path is not None:
         spec = permutation_spec(ckpt_b.model)
         perm = load_permutation_file(perm_path, spec, ckpt_b.state)

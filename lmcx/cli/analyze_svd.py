@@ -34,14 +34,12 @@ def analyze_svd(
 
     Example: lmcx analyze-svd --a outputs/train/a --b outputs/train/b --perm outputs/match/perm.json
     """
-    from ..analysis.svd import SVD_OUTPUTS, analyze_svd_checkpoints
+    from ..analysis.svd import SVD_OUTPUTS, analyze_svd_checkpoints, check_permutation_source
     from ..config import SvdConfig, load_config, to_dict
     from ..console import console
-    from ..errors import LmcxError
     from ..rundir import run_once
 
-    if perm is not None and b_permuted is not None:
-        raise LmcxError("give either --perm or --b-permuted, not both")
+    check_permutation_source(perm, b_permuted)  # before run_once creates the run directory
     cfg = load_config(SvdConfig, config, overrides({"gammas": list(gamma) if gamma else None,
                                                     "weighted": True if weighted else None}, set_))
     run_dir = out or Path("outputs") / "svd" / pair_tag(a, b)

@@ -37,15 +37,14 @@ def lewc(
     Example: lmcx lewc --a outputs/train/a --b outputs/train/b --lambda 0.25 --lambda 0.5 --lambda 0.75
     """
     from ..analysis.lewc import LEWC_OUTPUTS, lewc_checkpoints
+    from ..analysis.svd import check_permutation_source
     from ..config import LewcConfig, load_config, to_dict
     from ..console import console
-    from ..errors import LmcxError
+    from ..interpolate import check_norm_fix
     from ..rundir import run_once
 
-    if perm is not None and b_permuted is not None:
-        raise LmcxError("give either --perm or --b-permuted, not both")
-    if norm_fix not in ("auto", "reset", "repair", "none"):
-        raise LmcxError(f"--norm-fix {norm_fix!r}: choose auto, reset, repair or none")
+    check_permutation_source(perm, b_permuted)  # before run_once creates the run directory
+    check_norm_fix(norm_fix, "--norm-fix")
     cfg = load_config(LewcConfig, config, overrides({"lambdas": list(lambda_) if lambda_ else None,
                                                      "samples": samples}, set_))
     permuted = perm is not None or b_permuted is not None
