@@ -56,6 +56,20 @@ def width_tag(width: float) -> str:
     return f"w{width:g}"
 
 
+def train_dir(root: Path, width: float, seed: int) -> Path:
+    return root / "train" / f"{width_tag(width)}-s{seed}"
+
+
+def pair_dir(root: Path, kind: str, width: float, a: int, b: int, suffix: str = "") -> Path:
+    """The run directory of a step on the pair of seeds (a, b): match, interpolate, svd, lewc."""
+    return root / kind / (f"{width_tag(width)}-s{a}-s{b}" + (f"-{suffix}" if suffix else ""))
+
+
+def three_dir(root: Path, width: float, anchor: int, b: int, c: int, method: str) -> Path:
+    """[A]'s protocol: the curve between B and C, both matched to `anchor` by `method` (or naive)."""
+    return root / "three" / f"{width_tag(width)}-a{anchor}-s{b}-s{c}-{method}"
+
+
 def seed_pairs(cfg: ExperimentConfig) -> list[tuple[int, int]]:
     if cfg.pairs == "all":
         return list(itertools.combinations(cfg.seeds, 2))
@@ -89,7 +103,7 @@ def plan(cfg: ExperimentConfig) -> list[Step]:
         trained: dict[int, Step] = {}
         for seed in cfg.seeds:
             job = TrainJob(data=cfg.data, model=replace(cfg.model, width=width), train=cfg.train, seed=seed,
-                           device=cfg.device, out=str(root / "train" / f"{w}-s{seed}"))
+                           device=cfg.device, out=str(train_dir(root, width, seed)))
             trained[seed] = add(Step("train", f"{w}-s{seed}", Path(job.out), "metrics.json", to_dict(job),
                                      (lambda job=job: train(job, job.out, resume=True)), keep=(STATE_FILE,)))
 
@@ -97,7 +111,7 @@ def plan(cfg: ExperimentConfig) -> list[Step]:
             from .match import match_checkpoints
 
             mcfg = replace(cfg.match, method=method)
-            out = root / "match" / f"{w}-s{a}-s{b}-{method}"
+            out = pair_dir(root, "match", width, a, b, method)
             ta, tb = trained[a], trained[b]
             return add(Step("match", out.name, out, "metrics.json", {"match": to_dict(mcfg), "a": str(ta.out),
                                                                        "b": str(tb.out)},
@@ -119,12 +133,12 @@ def plan(cfg: ExperimentConfig) -> list[Step]:
             ta, tb = trained[a], trained[b]
             matches = {m: match_step(a, b, m) for m in cfg.methods}
             curves = [("naive", tb, model_path(tb))] + [(m, s, permuted_path(s)) for m, s in matches.items()]
-            interpolate_step(root / "interpolate" / f"{w}-s{a}-s{b}", ta, model_path(ta), curves)
+            interpolate_step(pair_dir(root, "interpolate", width, a, b), ta, model_path(ta), curves)
             permuted = next(iter(matches.items()), None)
             if "svd" in cfg.analyses:
                 from .analysis.svd import analyze_svd_checkpoints
 
-                out = root / "svd" / f"{w}-s{a}-s{b}"
+                out = pair_dir(root, "svd", width, a, b)
                 via = [permuted[1]] if permuted else []
                 b_perm = permuted_path(permuted[1]) if permuted else None
                 add(Step("svd", out.name, out, "svd.json",
@@ -140,7 +154,7 @@ def plan(cfg: ExperimentConfig) -> list[Step]:
                 if permuted:
                     variants.append((permuted[0], permuted[1], permuted_path(permuted[1])))
                 for label, source, b_file in variants:
-                    out = root / "lewc" / f"{w}-s{a}-s{b}-{label}"
+                    out = pair_dir(root, "lewc", width, a, b, label)
                     add(Step("lewc", out.name, out, "lewc.json",
                              {"lewc": to_dict(cfg.lewc), "norm_fix": cfg.interpolate.norm_fix, "a": str(ta.out),
                               "b": str(b_file)},
@@ -154,9 +168,9 @@ def plan(cfg: ExperimentConfig) -> list[Step]:
             for b, c in itertools.combinations(t.others, 2):
                 for method in t.methods:
                     mb, mc = match_step(t.anchor, b, method), match_step(t.anchor, c, method)
-                    out = root / "three" / f"{w}-a{t.anchor}-s{b}-s{c}-{method}"
+                    out = three_dir(root, width, t.anchor, b, c, method)
                     interpolate_step(out, mb, permuted_path(mb), [(method, mc, permuted_path(mc))])
-                out = root / "three" / f"{w}-a{t.anchor}-s{b}-s{c}-naive"
+                out = three_dir(root, width, t.anchor, b, c, "naive")
                 interpolate_step(out, trained[b], model_path(trained[b]), [("naive", trained[c],
                                                                            model_path(trained[c]))])
     return list(steps.values())

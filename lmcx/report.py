@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import ExperimentConfig
 from .errors import LmcxError
-from .experiment import STEPS_FILE, load_experiment_settings, seed_pairs, width_tag
+from .experiment import STEPS_FILE, load_experiment_settings, pair_dir, seed_pairs, three_dir, train_dir, width_tag
 from .io import read_json, write_csv, write_text
 
 SPLITS = ("test", "train")
@@ -47,12 +47,11 @@ def collect(root: Path, cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """One row per (width, pair, method, split) with barriers, plus SVD and LEWC figures of the pair."""
     rows: list[dict[str, Any]] = []
     for width in cfg.widths:
-        w = width_tag(width)
         for a, b in seed_pairs(cfg):
-            barrier = _read(root / "interpolate" / f"{w}-s{a}-s{b}" / "barrier.json")
-            svd = _read(root / "svd" / f"{w}-s{a}-s{b}" / "svd.json")
+            barrier = _read(pair_dir(root, "interpolate", width, a, b) / "barrier.json")
+            svd = _read(pair_dir(root, "svd", width, a, b) / "svd.json")
             for method in ["naive", *cfg.methods]:
-                lewc = _read(root / "lewc" / f"{w}-s{a}-s{b}-{method}" / "lewc.json")
+                lewc = _read(pair_dir(root, "lewc", width, a, b, method) / "lewc.json")
                 for split in SPLITS:
                     entry = ((barrier or {}).get("results", {}).get(method, {}) or {}).get(split) or {}
                     raw, cal = entry.get("raw") or {}, entry.get("calibrated") or {}
@@ -95,7 +94,7 @@ def _lewc_figures(lewc: dict | None) -> dict[str, Any]:
 
 
 def _endpoint_accuracy(root: Path, cfg: ExperimentConfig, width: float) -> list[float | None]:
-    return [(_read(root / "train" / f"{width_tag(width)}-s{s}" / "metrics.json") or {}).get("test_accuracy")
+    return [(_read(train_dir(root, width, s) / "metrics.json") or {}).get("test_accuracy")
             for s in cfg.seeds]
 
 
@@ -107,7 +106,7 @@ def _three_model_rows(root: Path, cfg: ExperimentConfig) -> list[dict[str, Any]]
     for width in cfg.widths:
         for b, c in itertools.combinations(t.others, 2):
             for method in ["naive", *t.methods]:
-                path = root / "three" / f"{width_tag(width)}-a{t.anchor}-s{b}-s{c}-{method}" / "barrier.json"
+                path = three_dir(root, width, t.anchor, b, c, method) / "barrier.json"
                 entry = ((_read(path) or {}).get("results", {}).get(method) or {}).get("test") or {}
                 raw, cal = entry.get("raw") or {}, entry.get("calibrated") or {}
                 rows.append({"width": width, "anchor": t.anchor, "seed_b": b, "seed_c": c, "method": method,
@@ -137,7 +136,7 @@ def write_report(root: str | Path) -> Path:
     plots = root / "plots"
     plot_barrier_vs_width(rows, methods, plots / "barrier_vs_width.png")
     for width in cfg.widths:
-        files = [root / "interpolate" / f"{width_tag(width)}-s{a}-s{b}" / "curve.csv" for a, b in seed_pairs(cfg)]
+        files = [pair_dir(root, "interpolate", width, a, b) / "curve.csv" for a, b in seed_pairs(cfg)]
         plot_curves_per_width([f for f in files if f.is_file()], methods, width,
                               plots / f"curves_{width_tag(width)}.png")
 
@@ -156,6 +155,7 @@ def write_report(root: str | Path) -> Path:
            "barriers of accuracy are in percentage points.", ""]
     md += ["![barrier vs width](plots/barrier_vs_width.png)", ""]
 
+    endpoint_accuracy = {width: _endpoint_accuracy(root, cfg, width) for width in cfg.widths}
     md += ["## Summary across widths (test split)", ""]
     header = ["width", "endpoint acc %"] + [f"{meth} loss barrier" for meth in methods]
     if cfg.interpolate.calibrate:
@@ -163,7 +163,7 @@ def write_report(root: str | Path) -> Path:
     header += [f"{meth} acc barrier" for meth in methods]
     md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for width in cfg.widths:
-        cells = [f"{width:g}", fmt(_endpoint_accuracy(root, cfg, width), 100, 2)]
+        cells = [f"{width:g}", fmt(endpoint_accuracy[width], 100, 2)]
         test = lambda meth: _select(rows, width=width, method=meth, split="test")  # noqa: E731
         cells += [fmt([r["loss_barrier"] for r in test(meth)], 1, 4) for meth in methods]
         if cfg.interpolate.calibrate:
@@ -174,7 +174,7 @@ def write_report(root: str | Path) -> Path:
 
     for width in cfg.widths:
         w = width_tag(width)
-        md += [f"## Width {width:g}", "", f"Endpoint test accuracy: {fmt(_endpoint_accuracy(root, cfg, width), 100, 2)} %.", ""]
+        md += [f"## Width {width:g}", "", f"Endpoint test accuracy: {fmt(endpoint_accuracy[width], 100, 2)} %.", ""]
         header = ["method", "split", "loss barrier", "calibrated loss barrier", "acc barrier (pp)",
                   "midpoint loss barrier", "calibrated midpoint", "midpoint acc barrier (pp)"]
         md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
