@@ -11,7 +11,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import yaml
 
@@ -58,17 +58,20 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def settings_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """First result-relevant setting that differs, as 'key: old -> new', or None."""
+def settings_difference(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = ()) -> str | None:
+    """First result-relevant setting that differs, as 'key: old -> new', or None. Keys in `ignore` are
+    treated like NON_RESULT_KEYS (settings that cannot make this step's finished outputs stale)."""
     a, b = _flatten(old), _flatten(new)
+    skip = NON_RESULT_KEYS | set(ignore)
     for key in sorted(set(a) | set(b)):
-        if key not in NON_RESULT_KEYS and a.get(key) != b.get(key):
+        if key not in skip and a.get(key) != b.get(key):
             return f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
     return None
 
 
-def check_settings(run_dir: str | Path, resolved: dict[str, Any]) -> None:
-    """Refuse to reuse a run directory whose recorded settings differ from these."""
+def check_settings(run_dir: str | Path, resolved: dict[str, Any], ignore: Iterable[str] = ()) -> None:
+    """Refuse to reuse a run directory whose recorded settings differ from these (`ignore`: see
+    settings_difference)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return
@@ -76,7 +79,7 @@ def check_settings(run_dir: str | Path, resolved: dict[str, Any]) -> None:
         old = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, OSError):
         return  # unreadable record: the caller starts over and rewrites it
-    diff = settings_difference(old, resolved)
+    diff = settings_difference(old, resolved, ignore)
     if diff:
         raise LmcxError(f"{run_dir} holds a run with other settings ({diff}); pass --force to redo it there "
                         "or --out for a new directory")

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOption, SetOption, app, overrides
+from .app import (ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOption, SetOption, app, overrides,
+                  step_ran)
 
 
 def _default_label(b: Path, perm: str | None) -> str:
@@ -41,23 +42,6 @@ def _unique(labels: list[str]) -> list[str]:
             name, k = f"{label}-{k}", k + 1
         out.append(name)
     return out
-
-
-def _recorded(run_dir: Path) -> dict:
-    import yaml
-
-    try:
-        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-
-
-def settings_difference(old: dict, new: dict, ignore_calibrate: bool) -> str | None:
-    from ..rundir import settings_difference as difference
-
-    if ignore_calibrate and isinstance(old.get("interpolate"), dict):
-        new = {**new, "interpolate": {**new["interpolate"], "calibrate": old["interpolate"].get("calibrate")}}
-    return difference(old, new)
 
 
 @app.command("interpolate")
@@ -98,7 +82,7 @@ def interpolate(
     from ..interpolate import (OUTPUTS, calibrate_dir, interpolate_checkpoints, is_calibrated, run_name,
                                summary_lines)
     from ..io import read_json
-    from ..rundir import claim, is_complete, run_once
+    from ..rundir import check_settings, claim, is_complete, run_once
 
     cfg = load_config(InterpolateConfig, config, overrides(
         {"points": points, "norm_fix": norm_fix, "calibrate": True if calibrate else None}, set_))
@@ -119,10 +103,7 @@ def interpolate(
     result: dict = {}
     if not force and is_complete(run_dir, "barrier.json"):
         # A finished curve: calibration only adds to it, so `calibrate` alone never makes it stale.
-        diff = settings_difference(_recorded(run_dir), resolved, ignore_calibrate=True)
-        if diff:
-            raise LmcxError(f"{run_dir} holds a run with other settings ({diff}); pass --force to redo it there "
-                            "or --out for a new directory")
+        check_settings(run_dir, resolved, ignore={"interpolate.calibrate"})
         status = "skipped"
         if cfg.calibrate and not is_calibrated(run_dir):  # calibrate it in place from its cached logits
             with claim(run_dir) as claimed:
@@ -136,10 +117,10 @@ def interpolate(
             a, list(b), labels, cfg, run_dir, device or "auto", perms, data_root)), force=force,
             marker="barrier.json")
     if status == "busy":
-        console.print(f"{run_dir}: another process is working on it; skipped")
+        step_ran(run_dir, status)
         return
     if status == "skipped":
-        console.print(f"{run_dir}: already complete (use --force to redo)")
+        step_ran(run_dir, status)
         result = read_json(run_dir / "barrier.json")
     console.print(f"norm fix {result.get('norm_fix')}; {result.get('lambda_convention')}", markup=False)
     for line in summary_lines(result):
