@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .app import DataRootOption, DeviceOption, ForceOption, app
+from .app import DataRootOption, DeviceOption, ForceOption, app, step_ran
 
 
 @app.command("calibrate")
@@ -34,7 +34,7 @@ def calibrate(
         return
     with claim(directory) as claimed:
         if not claimed:
-            console.print(f"{directory}: another process is working on it; skipped")
+            step_ran(directory, "busy")
             return
         result = calibrate_dir(directory, device or "auto", data_root)
     for line in summary_lines(result):
