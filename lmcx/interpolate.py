@@ -766,15 +766,6 @@ def calibrate_dir(out_dir, device: str = "auto", data_root=None) -> dict[str, An
     return write_outputs(out_dir, curves, settings, temperatures)
 
 
-def run_name(path) -> str:
-    """The run a checkpoint path stands for: a run directory's name, or the folder of its model.safetensors,
-    or a file's stem."""
-    p = Path(path)
-    if p.is_dir() or p.suffix != ".safetensors":
-        return p.name
-    return p.parent.name if p.name == "model.safetensors" else p.stem
-
-
 def is_calibrated(out_dir) -> bool:
     path = Path(out_dir) / BARRIER_FILE
     if not path.is_file():
@@ -800,7 +791,7 @@ def summary_lines(barrier: dict[str, Any]) -> Iterable[str]:
 
 
 __all__ = ["LAMBDA_CONVENTION", "Interpolator", "Curves", "lambda_grid", "lerp_state",
-           "model_norm", "resolve_norm_fix", "norm_fix_inputs", "reset_bn_stats", "repair_points",
+           "model_norm", "check_norm_fix", "resolve_norm_fix", "norm_fix_inputs", "reset_bn_stats", "repair_points",
            "activation_stats", "endpoint_stats", "repair", "interpolated_model", "barrier_metrics", "evaluate_curves",
            "save_curves", "load_curves", "fit_temperatures", "summarize", "interpolate_checkpoints",
-           "calibrate_dir", "is_calibrated", "run_name", "check_same_layout"]
+           "calibrate_dir", "is_calibrated", "check_same_layout"]

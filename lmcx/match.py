@@ -31,13 +31,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .checkpoint import Checkpoint, build_from_checkpoint, check_compatible, load_checkpoint, save_checkpoint
+from .checkpoint import (PERMUTED_FILE, Checkpoint, build_from_checkpoint, check_compatible, load_checkpoint, run_name,
+                         save_checkpoint)
 from .config import MatchConfig, to_dict, validate
 from .errors import LmcxError
 from .io import write_json
 
 PERMUTATION_FILE = "permutation.json"
-PERMUTED_FILE = "permuted.safetensors"
 METRICS_FILE = "metrics.json"
 METHOD_NAMES = {"wm": "weight matching", "am": "activation matching", "ste": "straight-through estimator"}
 
@@ -50,15 +50,6 @@ def match_outputs(num_b: int) -> list[str]:
     if num_b == 1:
         return [METRICS_FILE, PERMUTATION_FILE, PERMUTED_FILE]
     return [METRICS_FILE] + [f"b{i}" for i in range(1, num_b + 1)]
-
-
-def run_name(path: str | Path) -> str:
-    """The run a checkpoint path stands for: a run directory's name, the folder of its
-    model.safetensors, or a file's stem (for default output names)."""
-    p = Path(path)
-    if p.is_dir() or p.suffix != ".safetensors":
-        return p.name
-    return p.parent.name if p.name in ("model.safetensors", PERMUTED_FILE) else p.stem
 
 
 def default_out_dir(a: str | Path, bs: Sequence[str | Path], cfg: MatchConfig) -> Path:

@@ -49,9 +49,9 @@ BPermutedOption = Annotated[Optional[Path], typer.Option("--b-permuted", help="A
 
 def pair_tag(a: Path, b: Path) -> str:
     """`<run of A>-vs-<run of B>` for default output directories."""
-    def tag(p: Path) -> str:
-        return p.name if p.is_dir() else (p.parent.name if p.name == "model.safetensors" else p.stem)
-    return f"{tag(a)}-vs-{tag(b)}"
+    from ..checkpoint import run_name
+
+    return f"{run_name(a)}-vs-{run_name(b)}"
 
 
 def step_ran(run_dir: Path, status: str) -> bool:

@@ -77,9 +77,10 @@ def interpolate(
     --perm none --perm outputs/match/wm/permutation.json --label naive --label wm --calibrate
     """
     from ..config import InterpolateConfig, load_config, to_dict
+    from ..checkpoint import run_name
     from ..console import console
     from ..errors import LmcxError
-    from ..interpolate import (OUTPUTS, calibrate_dir, interpolate_checkpoints, is_calibrated, run_name,
+    from ..interpolate import (OUTPUTS, calibrate_dir, interpolate_checkpoints, is_calibrated,
                                summary_lines)
     from ..io import read_json
     from ..rundir import check_settings, claim, is_complete, run_once
