@@ -116,7 +116,7 @@ class MatchConfig:
 
 @dataclass
 class InterpolateConfig:
-    """`lmcx interpolate` / `lmcx calibrate` (lmcx/interpolate.py, lmcx/calibrate.py).
+    """`lmcx interpolate` / `lmcx calibrate` (lmcx/interpolate/, lmcx/calibrate.py).
 
     θ(λ) = (1 − λ) θ_A + λ θ_B, λ = 0 is A. The grid always holds 0, ½ and 1 (added when missing):
     barriers need both endpoints and [B]'s tables the midpoint.

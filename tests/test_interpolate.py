@@ -167,7 +167,7 @@ def test_self_interpolation_has_zero_barriers(tmp_path, digits):
 
 
 def test_one_forward_pass_per_lambda_and_split(digits, monkeypatch):
-    import lmcx.interpolate as interp
+    import lmcx.interpolate.curves as interp
 
     calls = []
     real = interp.predict

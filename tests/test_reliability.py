@@ -245,7 +245,7 @@ def test_kill_during_match_then_rerun_is_identical(tmp_path, models, cli, target
 
 
 @pytest.mark.parametrize("target, mode, nth", [
-    ("lmcx.interpolate:predict", "call", 4),  # mid-curve
+    ("lmcx.interpolate.curves:predict", "call", 4),  # mid-curve
     ("logits.safetensors", "after", 1),  # logits cached, before curve.csv, curve.png and barrier.json
     ("barrier.json", "before", 1),  # the marker written to its temporary file, not yet renamed
 ])

@@ -1,0 +1,127 @@
+"""Curves: the logits of every θ(λ) on every split, evaluated once and kept in `logits.safetensors`.
+
+Curves evaluate every θ(λ) exactly once per split (test, a fixed training subset, and the calibration
+split when calibrating), and keep every logits tensor, so calibration and any re-analysis need no new
+forward pass. θ(0) is the same model for every B (it depends only on A and the norm fix), so its logits
+are computed once and shared between the curves.
+
+logits.safetensors: `lambdas` [P]; `targets/<split>` [N]; `logits/<i>/<split>` [P, N, classes] float32
+for the i-th label (names in the `lmcx` metadata: labels, splits, convention).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..console import progress_bar
+from ..data import Dataset
+from ..errors import LmcxError
+from ..train import predict
+from .norm_fix import model_norm, norm_fix_inputs, resolve_norm_fix
+from .path import LAMBDA_CONVENTION, Interpolator
+from .repair import endpoint_stats
+
+LOGITS_FILE = "logits.safetensors"
+CURVE_SPLITS = ("test", "train")  # barriers are reported on these; `calib` only feeds calibration
+
+
+@dataclass
+class Curves:
+    """Logits of θ(λ) for every label, split and λ, with the split's labels: all any analysis needs."""
+
+    lambdas: list[float]
+    labels: list[str]
+    targets: dict[str, torch.Tensor]  # split -> [N] int64
+    logits: dict[str, dict[str, torch.Tensor]]  # label -> split -> [P, N, classes] float32, CPU
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def splits(self, label: str) -> list[str]:
+        return list(self.logits[label])
+
+
+def evaluate_curves(model_a: nn.Module, models_b: dict[str, nn.Module], ds: Dataset, lambdas: Sequence[float],
+                    norm_fix: str, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
+                    norm_fix_batches: int = 10, norm_fix_batch_size: int = 500, eval_batch_size: int = 2000,
+                    precision: str = "fp32") -> Curves:
+    """Evaluate θ(λ) of A with each B (label -> model) on `splits` (name -> uint8 images, labels): one
+    forward pass per (label, λ, split), plus the norm fix's passes; θ(0) is evaluated once for all B."""
+    lambdas = [float(x) for x in lambdas]
+    norm_fix = resolve_norm_fix(norm_fix, model_norm(model_a))
+    inputs = norm_fix_inputs(ds, norm_fix_batches, norm_fix_batch_size) if norm_fix != "none" else []
+    started = time.perf_counter()
+    stats_a = None
+    if norm_fix == "repair":  # A's statistics once, shared by every pair
+        stats_a = endpoint_stats(model_a, inputs)
+    logits: dict[str, dict[str, torch.Tensor]] = {}
+    forward_seconds = 0.0
+    norm_fix_seconds = time.perf_counter() - started
+    shared_a: dict[str, torch.Tensor] | None = None  # θ(0) logits, identical for every B
+    with progress_bar() as bar:
+        task = bar.add_task("interpolate", total=len(models_b) * len(lambdas), status="")
+        for label, model_b in models_b.items():
+            t0 = time.perf_counter()
+            interp = Interpolator(model_a, model_b, inputs, norm_fix, stats_a)  # B's REPAIR statistics, once
+            norm_fix_seconds += time.perf_counter() - t0
+            per_split: dict[str, list[torch.Tensor]] = {s: [] for s in splits}
+            for lam in lambdas:
+                if lam == 0.0 and shared_a is not None:
+                    for s in splits:
+                        per_split[s].append(shared_a[s])
+                    bar.advance(task)
+                    continue
+                model = interp.at(lam)
+                t0 = time.perf_counter()
+                out = {s: predict(model, ds, x, eval_batch_size, precision).cpu() for s, (x, _) in splits.items()}
+                forward_seconds += time.perf_counter() - t0
+                if lam == 0.0:
+                    shared_a = out
+                for s in splits:
+                    per_split[s].append(out[s])
+                bar.advance(task)
+                bar.update(task, status=f"{label} λ={lam:.3f}")
+            norm_fix_seconds += interp.norm_fix_seconds
+            logits[label] = {s: torch.stack(v) for s, v in per_split.items()}
+    timing = {"seconds": time.perf_counter() - started, "forward_seconds": forward_seconds,
+              "norm_fix_seconds": norm_fix_seconds}
+    return Curves(lambdas, list(models_b), {s: y.cpu() for s, (_, y) in splits.items()}, logits, timing)
+
+
+def save_curves(path: str | Path, curves: Curves, info: dict[str, Any] | None = None) -> None:
+    from ..checkpoint import write_tensors
+
+    tensors = {"lambdas": torch.tensor(curves.lambdas, dtype=torch.float64)}
+    for split, y in curves.targets.items():
+        tensors[f"targets/{split}"] = y.contiguous()
+    for i, label in enumerate(curves.labels):
+        for split, z in curves.logits[label].items():
+            tensors[f"logits/{i}/{split}"] = z.contiguous()
+    write_tensors(path, tensors, {"labels": curves.labels, "splits": sorted(curves.targets),
+                                  "lambda_convention": LAMBDA_CONVENTION, **(info or {})})
+
+
+def load_curves(path: str | Path) -> Curves:
+    from safetensors import SafetensorError
+
+    from ..checkpoint import read_tensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise LmcxError(f"{path} does not exist; run `lmcx interpolate` into {path.parent} first")
+    try:
+        tensors, meta = read_tensors(path)
+        labels = list(meta["labels"])
+        targets = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("targets/")}
+        logits: dict[str, dict[str, torch.Tensor]] = {label: {} for label in labels}
+        for k, v in tensors.items():
+            if k.startswith("logits/"):
+                _, i, split = k.split("/")
+                logits[labels[int(i)]][split] = v
+        return Curves(tensors["lambdas"].tolist(), labels, targets, logits)
+    except (SafetensorError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise LmcxError(f"{path} is not a readable logits cache ({e}); re-run `lmcx interpolate --force`") from None
+
