@@ -148,7 +148,7 @@ def plan(cfg: ExperimentConfig) -> list[Step]:
                              device=cfg.device)),
                          needs=[ta, tb] + via))
             if "lewc" in cfg.analyses:
-                from .analysis.lewc import lewc_checkpoints
+                from .analysis.lewc_run import lewc_checkpoints
 
                 variants = [("naive", tb, model_path(tb))]
                 if permuted:

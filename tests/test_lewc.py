@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from conftest import SYNTHETIC_TRAIN, assert_clean_error
-from lmcx.analysis.lewc import (LAMBDA_CONVENTION, cosine_similarity, fit_alpha_beta, lewc_analysis,
-                                lewc_checkpoints, lewc_coefficients, lewc_prediction, llfc_prediction,
-                                reciprocal_orthogonality, relative_error, weak_additivity_error)
+from lmcx.analysis.lewc import (LAMBDA_CONVENTION, cosine_similarity, fit_alpha_beta, lewc_coefficients,
+                                lewc_prediction, llfc_prediction, reciprocal_orthogonality, relative_error,
+                                weak_additivity_error)
+from lmcx.analysis.lewc_run import lewc_analysis, lewc_checkpoints
 from lmcx.checkpoint import Checkpoint, save_checkpoint
 from lmcx.config import DataConfig, LewcConfig, ModelConfig, SyntheticConfig, TrainJob, load_config
 from lmcx.data import load_dataset

@@ -40,6 +40,7 @@ import torch
 from ..config import SvdConfig, to_dict
 from ..errors import LmcxError
 from ..permutation.weight_matching import l2_distance
+from .pair import model_summary, permuted_b
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -246,54 +247,6 @@ def csv_rows(result: dict[str, Any], weighted: bool = False) -> list[dict[str, A
 
 
 SVD_OUTPUTS = ["svd.json", "svd.csv", "svd_spectra.png", "svd_alignment.png"]
-
-
-def check_permutation_source(perm_path, b_permuted_path) -> None:
-    """π(B) comes from a permutation file or a permuted checkpoint, never both."""
-    if perm_path is not None and b_permuted_path is not None:
-        raise LmcxError("give either --perm or --b-permuted, not both")
-
-
-def permuted_b(ckpt_a, ckpt_b, perm_path=None, b_permuted_path=None, *, wm_seed: int = 0, wm_max_iter: int = 100,
-               on_the_fly: bool = True, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """π(B)'s state dict and a description of where π came from.
-
-    `perm_path`: a permutation file (lmcx match) applied to B. `b_permuted_path`: an already permuted
-    checkpoint of B. Neither: weight matching of B to A computed here (`on_the_fly`), else (None, naive).
-    """
-    from ..checkpoint import check_compatible, load_checkpoint
-    from ..models import permutation_spec
-    from ..permutation.spec import apply_permutation, load_permutation_file
-
-    check_permutation_source(perm_path, b_permuted_path)
-    if perm_path is not None:
-        spec = permutation_spec(ckpt_b.model)
-        perm = load_permutation_file(perm_path, spec, ckpt_b.state)
-        return apply_permutation(spec, perm, ckpt_b.state), {"source": "file", "path": str(perm_path),
-                                                             "note": "permutation file applied to B"}
-    if b_permuted_path is not None:
-        ckpt_p = load_checkpoint(b_permuted_path)
-        check_compatible(ckpt_a, ckpt_p)
-        return dict(ckpt_p.state), {"source": "checkpoint", "path": str(ckpt_p.path),
-                                    "note": "already permuted checkpoint of B"}
-    if not on_the_fly:
-        return None, {"source": "none", "note": "no permutation: B as trained (naive)"}
-    from ..permutation.weight_matching import weight_matching
-
-    spec = permutation_spec(ckpt_b.model)
-    device = torch.device(device)
-    state_a = {k: v.to(device) for k, v in ckpt_a.state.items()}
-    state_b = {k: v.to(device) for k, v in ckpt_b.state.items()}
-    result = weight_matching(spec, state_a, state_b, max_iter=wm_max_iter, seed=wm_seed)
-    return apply_permutation(spec, result.perm, ckpt_b.state), {
-        "source": "weight_matching", "seed": wm_seed, "max_iter": wm_max_iter, "iterations": result.iterations,
-        "converged": result.converged,
-        "note": "no --perm or --b-permuted given: weight matching of B to A computed here"}
-
-
-def model_summary(ckpt) -> dict[str, Any]:
-    return {"architecture": ckpt.model.arch, "width": ckpt.model.width, "norm": ckpt.model.norm,
-            "bias": ckpt.model.bias, "dataset": ckpt.data.name}
 
 
 def analyze_svd_checkpoints(a_path, b_path, cfg: SvdConfig, out_dir, perm_path=None, b_permuted_path=None,

@@ -34,7 +34,8 @@ def analyze_svd(
 
     Example: lmcx analyze-svd --a outputs/train/a --b outputs/train/b --perm outputs/match/perm.json
     """
-    from ..analysis.svd import SVD_OUTPUTS, analyze_svd_checkpoints, check_permutation_source
+    from ..analysis.pair import check_permutation_source
+    from ..analysis.svd import SVD_OUTPUTS, analyze_svd_checkpoints
     from ..config import SvdConfig, load_config, to_dict
     from ..console import console
     from ..rundir import run_once

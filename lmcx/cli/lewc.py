@@ -36,8 +36,8 @@ def lewc(
 
     Example: lmcx lewc --a outputs/train/a --b outputs/train/b --lambda 0.25 --lambda 0.5 --lambda 0.75
     """
-    from ..analysis.lewc import LEWC_OUTPUTS, lewc_checkpoints
-    from ..analysis.svd import check_permutation_source
+    from ..analysis.lewc_run import LEWC_OUTPUTS, lewc_checkpoints
+    from ..analysis.pair import check_permutation_source
     from ..config import LewcConfig, load_config, to_dict
     from ..console import console
     from ..interpolate import check_norm_fix
