@@ -1,19 +1,10 @@
 """`lmcx run`: one experiment from one YAML, as a plan of ordinary steps.
 
 Each step (train, match, interpolate, svd, lewc) is the library call behind a subcommand, writing its
-own run directory under the experiment's output folder:
-
-  train/w{W}-s{S}/                      lmcx train
-  match/w{W}-s{A}-s{B}-{method}/        lmcx match   (B permuted to A)
-  interpolate/w{W}-s{A}-s{B}/           lmcx interpolate (naive and every method on one plot)
-  svd/w{W}-s{A}-s{B}/                   lmcx analyze-svd (B vs WM-permuted B)
-  lewc/w{W}-s{A}-s{B}-{naive|method}/   lmcx lewc
-  three/w{W}-a{A}-s{B}-s{C}-{method}/   [A]'s protocol: π(B) vs π(C), both matched to anchor A
-
-A step whose directory is complete is skipped, so re-running an experiment, or adding a width or
-seed to its YAML, runs only what is new; an interrupted run continues where it stopped (training
-resumes from its last epoch). A failed step is recorded with its reason and the steps that need it are
-skipped; the rest of the sweep goes on.
+own run directory in the experiment's folder (layout.py describes it). A step whose directory is
+complete is skipped, so re-running an experiment, or adding a width or seed to its YAML, runs only what
+is new; an interrupted run continues where it stopped (training resumes from its last epoch). A failed
+step is recorded with its reason and the steps that need it are skipped; the rest of the sweep goes on.
 """
 from __future__ import annotations
 
@@ -24,16 +15,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from .config import ExperimentConfig, TrainJob, to_dict
 from .console import console
 from .errors import LmcxError
 from .io import write_json, write_yaml
+from .layout import (EXPERIMENT_FILE, STEPS_FILE, experiment_dir, pair_dir, seed_pairs, three_dir,
+                     train_dir, width_tag)
 from .rundir import check_settings, is_complete, run_once
-
-EXPERIMENT_FILE = "experiment.yaml"
-STEPS_FILE = "steps.json"
 
 
 @dataclass
@@ -50,36 +38,6 @@ class Step:
     @property
     def label(self) -> str:
         return f"{self.kind} {self.name}"
-
-
-def width_tag(width: float) -> str:
-    return f"w{width:g}"
-
-
-def train_dir(root: Path, width: float, seed: int) -> Path:
-    return root / "train" / f"{width_tag(width)}-s{seed}"
-
-
-def pair_dir(root: Path, kind: str, width: float, a: int, b: int, suffix: str = "") -> Path:
-    """The run directory of a step on the pair of seeds (a, b): match, interpolate, svd, lewc."""
-    return root / kind / (f"{width_tag(width)}-s{a}-s{b}" + (f"-{suffix}" if suffix else ""))
-
-
-def three_dir(root: Path, width: float, anchor: int, b: int, c: int, method: str) -> Path:
-    """[A]'s protocol: the curve between B and C, both matched to `anchor` by `method` (or naive)."""
-    return root / "three" / f"{width_tag(width)}-a{anchor}-s{b}-s{c}-{method}"
-
-
-def seed_pairs(cfg: ExperimentConfig) -> list[tuple[int, int]]:
-    if cfg.pairs == "all":
-        return list(itertools.combinations(cfg.seeds, 2))
-    if cfg.pairs == "consecutive":
-        return list(zip(cfg.seeds, cfg.seeds[1:]))
-    return [tuple(p) for p in cfg.pairs]
-
-
-def experiment_dir(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.out) if cfg.out else Path("outputs") / cfg.name
 
 
 def plan(cfg: ExperimentConfig) -> list[Step]:
@@ -253,18 +211,3 @@ def _read_steps(root: Path) -> dict[str, Any]:
     except LmcxError:
         return {}
     return earlier if isinstance(earlier, dict) else {}
-
-
-def load_experiment_settings(root: Path) -> ExperimentConfig:
-    from .config import from_dict
-
-    path = root / EXPERIMENT_FILE
-    if not path.is_file():
-        raise LmcxError(f"{root} has no {EXPERIMENT_FILE}; pass the output folder of an `lmcx run`")
-    try:
-        data = yaml.safe_load(path.read_text())
-        if not isinstance(data, dict):
-            raise LmcxError(f"expected a mapping of settings, got {type(data).__name__}")
-        return from_dict(ExperimentConfig, data, "")
-    except (LmcxError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise LmcxError(f"{path} is unreadable ({e}); re-run `lmcx run` to rewrite it") from None

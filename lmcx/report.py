@@ -13,8 +13,8 @@ from typing import Any
 
 from .config import ExperimentConfig
 from .errors import LmcxError
-from .experiment import STEPS_FILE, load_experiment_settings, pair_dir, seed_pairs, three_dir, train_dir, width_tag
 from .io import read_json, write_csv, write_text
+from .layout import STEPS_FILE, load_experiment_settings, pair_dir, seed_pairs, three_dir, train_dir, width_tag
 
 SPLITS = ("test", "train")
 

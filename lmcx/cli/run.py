@@ -26,7 +26,8 @@ def run(
     """
     from ..config import ExperimentConfig, load_config
     from ..console import console
-    from ..experiment import experiment_dir, run_experiment
+    from ..experiment import run_experiment
+    from ..layout import experiment_dir
 
     cfg = load_config(ExperimentConfig, experiment, overrides(
         {"out": out, "device": device, "data.root": data_root}, set_))
