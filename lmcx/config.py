@@ -1,8 +1,8 @@
 """Every setting of lmcx, in one place, as typed dataclasses loaded from YAML.
 
 `load_config(cls, path, overrides)` reads a YAML file, applies `--set a.b=value` overrides and flags,
-and validates the result: unknown keys, wrong types and out-of-range values raise LmcxError naming
-the key path and the file. `to_dict(cfg)` gives the fully resolved config written beside results.
+and validates the result (types here, ranges in lmcx/validation.py): unknown keys, wrong types and
+out-of-range values raise LmcxError naming the key path and the file. `to_dict(cfg)` gives the fully resolved config written beside results.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from .errors import LmcxError
+from .validation import (ANALYSES, check_data, check_experiment, check_interpolate, check_lewc, check_match,
+                         check_model, check_ste, check_svd, check_synthetic, check_train, check_train_job)
 
 # ---------------------------------------------------------------------------------------------
 # Data, model, training
@@ -156,9 +158,6 @@ class LewcConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Experiments: `lmcx run` (every step is an ordinary subcommand call with its own run directory)
-
-METHODS = ("wm", "am", "ste")
-ANALYSES = ("svd", "lewc")
 
 
 @dataclass
@@ -349,126 +348,22 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[dict[
 # Range checks (types are checked by the loader)
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise LmcxError(f"{key}: {message}")
+RANGE_CHECKS = {ModelConfig: check_model, DataConfig: check_data, SyntheticConfig: check_synthetic,
+                TrainConfig: check_train, TrainJob: check_train_job, MatchConfig: check_match,
+                SteConfig: check_ste, InterpolateConfig: check_interpolate, SvdConfig: check_svd,
+                LewcConfig: check_lewc, ExperimentConfig: check_experiment}
 
 
-SEED_LIMIT = 2 ** 32  # every seed feeds torch / numpy generators, which take non-negative 32/64-bit values
-
-
-def _require_seed(seed: int, key: str) -> None:
-    _require(0 <= seed < SEED_LIMIT, key, f"must be an integer in [0, 2**32), got {seed}")
-
-
-def _validate_fields(cfg: Any, prefix: str) -> None:
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check ranges of every dataclass in `cfg` (recursively); the checks are in lmcx/validation.py."""
+    for cls, check in RANGE_CHECKS.items():
+        if isinstance(cfg, cls):
+            check(cfg, prefix)
+            break
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             validate(value, f"{prefix}{f.name}.")
-
-
-def validate(cfg: Any, prefix: str = "") -> None:
-    """Check ranges of every dataclass in `cfg` (recursively)."""
-    p = prefix
-    if isinstance(cfg, ModelConfig):
-        _require(cfg.width > 0, f"{p}width", f"must be > 0, got {cfg.width}")
-    elif isinstance(cfg, DataConfig):
-        _require(cfg.calib_size >= 0, f"{p}calib_size", f"must be >= 0, got {cfg.calib_size}")
-        _require(cfg.train_size is None or cfg.train_size > 0, f"{p}train_size", "must be > 0 or null")
-        _require(cfg.crop_padding >= 0, f"{p}crop_padding", "must be >= 0")
-    elif isinstance(cfg, SyntheticConfig):
-        _require(cfg.train_size > 0 and cfg.test_size > 0, f"{p}train_size", "sizes must be > 0")
-        _require(cfg.num_classes >= 2, f"{p}num_classes", "must be >= 2")
-        _require(len(cfg.shape) == 3 and all(s > 0 for s in cfg.shape), f"{p}shape",
-                 "must be [channels, height, width], all > 0")
-        _require_seed(cfg.seed, f"{p}seed")
-    elif isinstance(cfg, TrainConfig):
-        _require(cfg.epochs > 0, f"{p}epochs", f"must be > 0, got {cfg.epochs}")
-        _require(cfg.lr > 0, f"{p}lr", f"must be > 0, got {cfg.lr}")
-        _require(cfg.batch_size > 0, f"{p}batch_size", f"must be > 0, got {cfg.batch_size}")
-        _require(cfg.eval_batch_size > 0, f"{p}eval_batch_size", "must be > 0")
-        _require(cfg.eval_every > 0, f"{p}eval_every", "must be > 0")
-        _require(cfg.weight_decay >= 0, f"{p}weight_decay", "must be >= 0")
-        _require(0 <= cfg.momentum < 1, f"{p}momentum", "must be in [0, 1)")
-        _require(cfg.warmup_epochs >= 0, f"{p}warmup_epochs", "must be >= 0")
-        _require(0 <= cfg.label_smoothing < 1, f"{p}label_smoothing", "must be in [0, 1)")
-        _require(cfg.grad_clip is None or cfg.grad_clip > 0, f"{p}grad_clip", "must be > 0 or null")
-        _require(not (cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0), f"{p}nesterov",
-                 "Nesterov momentum needs train.momentum > 0")
-    elif isinstance(cfg, TrainJob):
-        _require(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), f"{p}device",
-                 f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-        _require_seed(cfg.seed, f"{p}seed")
-    elif isinstance(cfg, MatchConfig):
-        _require(cfg.max_iter > 0, f"{p}max_iter", "must be > 0")
-        _require(cfg.am_samples > 0, f"{p}am_samples", "must be > 0")
-        _require(cfg.am_batch_size > 0, f"{p}am_batch_size", "must be > 0")
-        _require_seed(cfg.seed, f"{p}seed")
-    elif isinstance(cfg, SteConfig):
-        _require(cfg.epochs > 0, f"{p}epochs", f"must be > 0, got {cfg.epochs}")
-        _require(cfg.lr > 0, f"{p}lr", f"must be > 0, got {cfg.lr}")
-        _require(cfg.batch_size > 0, f"{p}batch_size", f"must be > 0, got {cfg.batch_size}")
-        _require(cfg.eval_samples > 0, f"{p}eval_samples", "must be > 0")
-        _require(cfg.eval_every >= 0, f"{p}eval_every", "must be >= 0 (0 = once per epoch)")
-    elif isinstance(cfg, InterpolateConfig):
-        _require(cfg.points >= 2, f"{p}points", f"must be >= 2, got {cfg.points}")
-        if cfg.lambdas is not None:
-            outside = [x for x in cfg.lambdas if not 0 <= x <= 1]
-            _require(not outside, f"{p}lambdas", f"every λ must be in [0, 1] (λ = 0 is A, 1 is B), got {outside}")
-            _require(len(cfg.lambdas) >= 2, f"{p}lambdas", "must hold at least two values, each in [0, 1]")
-        _require(cfg.train_eval_size > 0, f"{p}train_eval_size", "must be > 0")
-        _require(cfg.norm_fix_batches > 0, f"{p}norm_fix_batches", "must be > 0")
-        _require(cfg.norm_fix_batch_size >= 2, f"{p}norm_fix_batch_size", "must be >= 2 (batch statistics)")
-        _require(cfg.eval_batch_size > 0, f"{p}eval_batch_size", "must be > 0")
-    elif isinstance(cfg, SvdConfig):
-        _require(all(0 <= g <= 1 for g in cfg.gammas) and cfg.gammas, f"{p}gammas", "each γ must be in [0, 1]")
-        _require(cfg.wm_max_iter > 0, f"{p}wm_max_iter", "must be > 0")
-        _require_seed(cfg.wm_seed, f"{p}wm_seed")
-    elif isinstance(cfg, LewcConfig):
-        _require(all(0 <= x <= 1 for x in cfg.lambdas) and cfg.lambdas, f"{p}lambdas", "each λ must be in [0, 1]")
-        _require(cfg.samples > 0, f"{p}samples", "must be > 0")
-        _require(cfg.batch_size > 0, f"{p}batch_size", "must be > 0")
-        _require(cfg.norm_fix_batches > 0, f"{p}norm_fix_batches", "must be > 0")
-        _require(cfg.norm_fix_batch_size > 0, f"{p}norm_fix_batch_size", "must be > 0")
-    elif isinstance(cfg, ExperimentConfig):
-        _validate_experiment(cfg)
-    _validate_fields(cfg, prefix)
-
-
-def _validate_experiment(cfg: ExperimentConfig) -> None:
-    """Everything that would otherwise fail half-way through a sweep fails here, before any training."""
-    _require(bool(cfg.widths), "widths", "list at least one width multiplier, e.g. widths: [1, 2]")
-    _require(all(w > 0 for w in cfg.widths), "widths", f"every width must be > 0, got {cfg.widths}")
-    _require(len(cfg.seeds) >= 2, "seeds", "list at least two seeds (a pair of models), e.g. seeds: [0, 1]")
-    _require(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", f"seeds repeat: {cfg.seeds}")
-    for seed in cfg.seeds:
-        _require_seed(seed, "seeds")
-    _require(len(set(cfg.widths)) == len(cfg.widths), "widths", f"widths repeat: {cfg.widths}")
-    for m in cfg.methods:
-        _require(m in METHODS, "methods", f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    for a in cfg.analyses:
-        _require(a in ANALYSES, "analyses", f"unknown analysis {a!r}; choose from {', '.join(ANALYSES)}")
-    _require(cfg.name != "" and "/" not in cfg.name, "name", "must be a non-empty name without '/'")
-    pairs = cfg.pairs
-    if isinstance(pairs, str):
-        _require(pairs in ("all", "consecutive"), "pairs", "must be all, consecutive, or a list of [seed_a, seed_b]")
-    else:
-        _require(isinstance(pairs, list) and len(pairs) > 0, "pairs",
-                 "must be all, consecutive, or a list of [seed_a, seed_b]")
-        for pair in pairs:
-            _require(isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, int) for s in pair)
-                     and pair[0] != pair[1], "pairs", f"{pair!r} is not a pair of two different seeds")
-            for s in pair:
-                _require(s in cfg.seeds, "pairs", f"pair {pair} refers to seed {s}, which is not in seeds {cfg.seeds}")
-    if cfg.three_models is not None:
-        t = cfg.three_models
-        for s in [t.anchor, *t.others]:
-            _require(s in cfg.seeds, "three_models", f"seed {s} is not in seeds {cfg.seeds}")
-        _require(len(t.others) >= 2 and t.anchor not in t.others, "three_models.others",
-                 "list at least two seeds other than the anchor")
-        for m in t.methods:
-            _require(m in METHODS, "three_models.methods", f"unknown method {m!r}; choose from {', '.join(METHODS)}")
 
 
 def data_root(configured: str | None) -> Path:
