@@ -2,7 +2,8 @@
 
 `load_config(cls, path, overrides)` reads a YAML file, applies `--set a.b=value` overrides and flags,
 and validates the result (types here, ranges in lmcx/validation.py): unknown keys, wrong types and
-out-of-range values raise LmcxError naming the key path and the file. `to_dict(cfg)` gives the fully resolved config written beside results.
+out-of-range values raise LmcxError naming the key path and the file. `to_dict(cfg)` gives the fully
+resolved config written beside results.
 """
 from __future__ import annotations
 

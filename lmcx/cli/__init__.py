@@ -1,6 +1,9 @@
 """`lmcx` command line: a thin shell that parses, calls the library, and writes.
 
-Each subcommand lives in its own module here and registers itself on `app`.
+Each subcommand lives in its own module here, named for it, and registers itself on `app` (app.py,
+with the options every subcommand shares): train, evaluate, match, interpolate, calibrate, analyze_svd,
+lewc, and run (`lmcx run` and `lmcx report`). The library does the work; these modules parse, call it
+and print.
 """
 from __future__ import annotations
 

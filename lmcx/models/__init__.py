@@ -7,7 +7,9 @@ permutation spec, with three functions of a `ModelConfig`:
 - `feature_points(cfg)`: module names whose outputs are f_1..f_L counted from the input
   (post-ReLU hidden outputs, ResNet stream outputs), the last being the logits.
 
-To add an architecture, write its module and list it in ARCHITECTURES (and in ModelConfig.arch).
+layers.py holds the building blocks the architectures share (initialised convs, the norm choice and a
+norm layer's permutation axes). To add an architecture, write its module and list it in ARCHITECTURES
+(and in ModelConfig.arch).
 """
 from __future__ import annotations
 

@@ -1,5 +1,11 @@
-"""Permutations of hidden units: specs, weight matching, activation matching, the straight-through
-estimator, and matching three or more models."""
+"""Permutations of hidden units, one method per module:
+  spec.py                 permutation specs (which permutation acts on which axis of which parameter),
+                          applying, composing and checking permutations, permutation files
+  weight_matching.py      weight matching (`lmcx match --method wm`) and the L2 distance of two models
+  activation_matching.py  activation matching (`--method am`) from activation correlations on data
+  ste.py                  the straight-through estimator (`--method ste`)
+  merge_many.py           three or more models: MergeMany and [A]'s match-to-an-anchor protocol
+"""
 from .activation_matching import ActivationStats, activation_correlations, activation_matching, assign_from_correlation
 from .merge_many import MergeManyResult, match_to_anchor, merge_many
 from .spec import (
