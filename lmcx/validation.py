@@ -26,6 +26,13 @@ def _require_seed(seed: int, key: str) -> None:
     _require(0 <= seed < SEED_LIMIT, key, f"must be an integer in [0, 2**32), got {seed}")
 
 
+def _require_loop(cfg: Any, p: str) -> None:
+    """epochs, lr and batch_size of an optimisation loop (TrainConfig, SteConfig)."""
+    _require(cfg.epochs > 0, f"{p}epochs", f"must be > 0, got {cfg.epochs}")
+    _require(cfg.lr > 0, f"{p}lr", f"must be > 0, got {cfg.lr}")
+    _require(cfg.batch_size > 0, f"{p}batch_size", f"must be > 0, got {cfg.batch_size}")
+
+
 def check_model(cfg: Any, p: str) -> None:
     """Ranges of a ModelConfig."""
     _require(cfg.width > 0, f"{p}width", f"must be > 0, got {cfg.width}")
@@ -49,9 +56,7 @@ def check_synthetic(cfg: Any, p: str) -> None:
 
 def check_train(cfg: Any, p: str) -> None:
     """Ranges of a TrainConfig."""
-    _require(cfg.epochs > 0, f"{p}epochs", f"must be > 0, got {cfg.epochs}")
-    _require(cfg.lr > 0, f"{p}lr", f"must be > 0, got {cfg.lr}")
-    _require(cfg.batch_size > 0, f"{p}batch_size", f"must be > 0, got {cfg.batch_size}")
+    _require_loop(cfg, p)
     _require(cfg.eval_batch_size > 0, f"{p}eval_batch_size", "must be > 0")
     _require(cfg.eval_every > 0, f"{p}eval_every", "must be > 0")
     _require(cfg.weight_decay >= 0, f"{p}weight_decay", "must be >= 0")
@@ -80,9 +85,7 @@ def check_match(cfg: Any, p: str) -> None:
 
 def check_ste(cfg: Any, p: str) -> None:
     """Ranges of a SteConfig."""
-    _require(cfg.epochs > 0, f"{p}epochs", f"must be > 0, got {cfg.epochs}")
-    _require(cfg.lr > 0, f"{p}lr", f"must be > 0, got {cfg.lr}")
-    _require(cfg.batch_size > 0, f"{p}batch_size", f"must be > 0, got {cfg.batch_size}")
+    _require_loop(cfg, p)
     _require(cfg.eval_samples > 0, f"{p}eval_samples", "must be > 0")
     _require(cfg.eval_every >= 0, f"{p}eval_every", "must be >= 0 (0 = once per epoch)")
 
