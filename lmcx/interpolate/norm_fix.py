@@ -30,13 +30,13 @@ NORM_FIX_NOTES = {
               "lambda * stat_B (endpoint statistics on the same fixed training batches), endpoints included",
 }
 
-_BN = nn.modules.batchnorm._BatchNorm
+BATCH_NORM = nn.modules.batchnorm._BatchNorm  # every BatchNorm{1,2,3}d
 _LN = (nn.LayerNorm, nn.GroupNorm)
 
 
 def model_norm(model: nn.Module) -> str:
     """'bn', 'ln' (LayerNorm or GroupNorm) or 'none', from the model's modules."""
-    if any(isinstance(m, _BN) for m in model.modules()):
+    if any(isinstance(m, BATCH_NORM) for m in model.modules()):
         return "bn"
     if any(isinstance(m, _LN) for m in model.modules()):
         return "ln"
@@ -80,7 +80,7 @@ def norm_fix_inputs(ds: Dataset, batches: int, batch_size: int) -> list[torch.Te
 def reset_bn_stats(model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
     """Recompute every BatchNorm's running statistics on `inputs` (cumulative average, momentum=None);
     BN layers alone in train mode; the model is left in eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, _BN)]
+    bns = [m for m in model.modules() if isinstance(m, BATCH_NORM)]
     model.eval()
     momenta = [m.momentum for m in bns]
     for m in bns:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import LmcxError
 from ..models import forward_hooks
-from .norm_fix import _BN, model_norm, reset_bn_stats
+from .norm_fix import BATCH_NORM, model_norm, reset_bn_stats
 
 BN_EPS = 1e-5
 
@@ -39,7 +39,7 @@ def repair_points(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if norm == "ln":
         raise LmcxError("norm_fix=repair (REPAIR) is not defined for LayerNorm models (norm ln); use none")
     if norm == "bn":
-        points = [(n, m) for n, m in model.named_modules() if isinstance(m, _BN)]
+        points = [(n, m) for n, m in model.named_modules() if isinstance(m, BATCH_NORM)]
         if any(m.weight is None for _, m in points):
             raise LmcxError("norm_fix=repair needs BatchNorm layers with affine parameters; use reset")
         return points
