@@ -14,7 +14,7 @@ import typer
 from ..console import console
 from ..errors import LmcxError
 from .app import app
-from . import analyze_svd, calibrate, evaluate, interpolate, lewc, match, run, train  # noqa: E402,F401  (registers commands)
+from . import analyze_svd, calibrate, collect, evaluate, interpolate, lewc, match, run, train  # noqa: E402,F401  (registers commands)
 
 
 def main() -> None:
