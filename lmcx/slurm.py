@@ -92,6 +92,28 @@ def _job_record(job) -> dict[str, str]:
     return {"job": str(job.job_id), "log": str(job.paths.stderr)}
 
 
+def _submit(executor, name: str, trains: list[Step], others: list[tuple[Step, list[str]]],
+            where: tuple[dict[str, Any], str], options: dict[str, Any], jobs: dict[str, Any]):
+    """Submit the train array, the dependent jobs and the report job; fills `jobs` (label -> job) as it goes,
+    returns the report job. `where`: the experiment's settings and the folder to run in."""
+    settings, cwd = where
+    if trains:
+        executor.update_parameters(job_name=f"{name}-train", dependency=None)
+        array = executor.map_array(run_step, [settings] * len(trains), [str(s.out) for s in trains],
+                                   [cwd] * len(trains))
+        jobs.update(zip([s.label for s in trains], array))
+    # a job whose afterok can no longer be met (a step it needs failed) is cancelled, not left pending
+    executor.update_parameters(additional_parameters={**(options.get("additional_parameters") or {}),
+                                                      "kill_on_invalid_dep": "yes"})
+    for step, needs in others:
+        after = ":".join(str(jobs[label].job_id) for label in needs)
+        executor.update_parameters(job_name=f"{name}-{step.kind}", dependency=f"afterok:{after}" if after else None)
+        jobs[step.label] = executor.submit(run_step, settings, str(step.out), cwd)
+    executor.update_parameters(job_name=f"{name}-report",
+                               dependency="afterany:" + ":".join(str(j.job_id) for j in jobs.values()) if jobs else None)
+    return executor.submit(finish_experiment, settings, cwd, {label: _job_record(j) for label, j in jobs.items()})
+
+
 def submit_experiment(cfg: ExperimentConfig, steps: list[Step], folder: str | Path,
                       slurm_options: dict[str, Any] | None = None, *, wait: bool = False) -> dict[str, str]:
     """Submit the incomplete `steps` (plan(cfg), checked by experiment.check_plan) and the report job;
@@ -101,33 +123,25 @@ def submit_experiment(cfg: ExperimentConfig, steps: list[Step], folder: str | Pa
     root = experiment_dir(cfg)
     options = dict(slurm_options or {})
     executor = _executor(folder, options)
+    from submitit.core.utils import FailedJobError, UncompletedJobError  # there: _executor checked
+
     settings, cwd = to_dict(cfg), os.getcwd()
     write_yaml(root / EXPERIMENT_FILE, settings)
     trains, others = schedule(steps)
     jobs: dict[str, Any] = {}
-    if trains:
-        executor.update_parameters(job_name=f"{cfg.name}-train", dependency=None)
-        array = executor.map_array(run_step, [settings] * len(trains), [str(s.out) for s in trains],
-                                   [cwd] * len(trains))
-        jobs.update(zip([s.label for s in trains], array))
-    # a job whose afterok can no longer be met (a step it needs failed) is cancelled, not left pending
-    executor.update_parameters(additional_parameters={**(options.get("additional_parameters") or {}),
-                                                      "kill_on_invalid_dep": "yes"})
-    for step, needs in others:
-        after = ":".join(str(jobs[label].job_id) for label in needs)
-        executor.update_parameters(job_name=f"{cfg.name}-{step.kind}", dependency=f"afterok:{after}" if after else None)
-        jobs[step.label] = executor.submit(run_step, settings, str(step.out), cwd)
-    executor.update_parameters(job_name=f"{cfg.name}-report",
-                               dependency="afterany:" + ":".join(str(j.job_id) for j in jobs.values()) if jobs else None)
-    report = executor.submit(finish_experiment, settings, cwd, {label: _job_record(j) for label, j in jobs.items()})
+    try:
+        report = _submit(executor, cfg.name, trains, others, (settings, cwd), options, jobs)
+    except FailedJobError as e:  # sbatch refused a job: take back the ones it took, so none waits forever
+        for job in jobs.values():
+            job.cancel(check=False)
+        raise LmcxError(f"sbatch refused a job ({str(e).strip().splitlines()[0]}); nothing was left queued; "
+                        "check the slurm options") from None
     ids = {label: str(job.job_id) for label, job in jobs.items()} | {REPORT: str(report.job_id)}
     array_ids = sorted({ids[s.label].split("_")[0] for s in trains})
     console.print(f"{len(steps) - len(jobs)} steps complete, {len(jobs)} submitted: "
                   f"{len(trains)} train (job array {', '.join(array_ids) or '-'}), {len(others)} dependent jobs; "
                   f"report job {report.job_id}; logs in {folder}", markup=False)
     if wait:
-        from submitit.core.utils import FailedJobError, UncompletedJobError
-
         try:
             console.print(f"report: {report.result()}", markup=False)
         except (FailedJobError, UncompletedJobError) as e:

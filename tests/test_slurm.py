@@ -14,20 +14,7 @@ from lmcx.errors import LmcxError
 from lmcx.experiment import EXPERIMENT_FILE, plan
 from lmcx.io import write_yaml
 from lmcx.slurm import REPORT, finish_experiment, run_step, schedule, submit_experiment
-
-EXPERIMENT = """
-name: tiny
-data: {name: digits, calib_size: 200}
-model: {arch: mlp, norm: none, bias: true}
-train: {optimizer: adam, lr: 0.001, weight_decay: 0.0, warmup_epochs: 0, epochs: 1, batch_size: 64}
-widths: [0.25]
-seeds: [0, 1]
-methods: [wm]
-interpolate: {points: 5, calibrate: true, train_eval_size: 200}
-analyses: [svd, lewc]
-lewc: {lambdas: [0.5], samples: 50}
-device: cpu
-"""
+from test_collect import EXPERIMENT  # the tiny digits experiment
 
 
 def _config(tmp_path, out):
@@ -113,6 +100,8 @@ def test_real_slurm_failure_blocks_dependents_and_resubmit_completes(tmp_path):
     pytest.importorskip("submitit")
     root = tmp_path / "exp"
     cfg = _config(tmp_path, root)
+    with pytest.raises(LmcxError, match="sbatch refused a job .*invalid partition"):
+        submit_experiment(cfg, plan(cfg), root / "slurm", {"partition": "no-such-partition"})
     (root / "train").mkdir(parents=True)
     (root / "train" / "w0.25-s1").write_text("a file where the run directory goes: this train fails")
     ids = submit_experiment(cfg, plan(cfg), root / "slurm")
