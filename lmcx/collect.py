@@ -66,7 +66,10 @@ def find_run_dirs(paths: list[str | Path]) -> list[Path]:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             if _is_run_dir(set(files)):
                 found.append(Path(here))
-    return list(dict.fromkeys(found))  # overlapping PATHs list a run once
+    unique: dict[Path, Path] = {}
+    for path in found:  # overlapping PATHs (or one given twice, relative and absolute) list a run once
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def _is_run_dir(files: set[str]) -> bool:

@@ -89,7 +89,7 @@ def test_one_row_per_run_with_kind_and_status(runs):
     assert [r["kind"] for r in rows] == sorted((r["kind"] for r in rows), key=[
         "experiment", "train", "match", "interpolate", "svd", "lewc"].index)
     # overlapping paths list a run once
-    assert len(collect([runs, runs / "exp", runs / "exp" / "train" / "w0.25-s0"])) == len(rows)
+    assert len(collect([runs, runs / "exp", runs / "exp" / "train" / "w0.25-s0", runs / "exp" / ".." / "exp"])) == len(rows)
 
 
 def test_figures_are_the_runs_numbers(runs):
