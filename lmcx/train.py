@@ -29,10 +29,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import __version__
+from . import __version__, progress, threads
 from .checkpoint import MODEL_FILE, Checkpoint, load_train_state, save_checkpoint, save_train_state
 from .config import TrainConfig, TrainJob, to_dict
-from .console import console, progress_bar
+from .console import console
 from .data import Dataset, epoch_generator, eval_batches, load_dataset, train_batches
 from .errors import LmcxError, RunFailed
 from .io import write_csv, write_json
@@ -189,6 +189,7 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
             raise LmcxError(f"train.batch_size={cfg.batch_size} leaves a batch of one image ({len(ds.y_train)} "
                             "training images), on which BatchNorm cannot train; change train.batch_size or "
                             "data.train_size") from None
+    thread_info = threads.fit_to_model(model, ds.normalize(ds.x_train[:1]), cfg.batch_size)
     if device.type == "cuda" and job.model.arch != "mlp":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model.parameters(), cfg)
@@ -222,14 +223,15 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
 
     started = time.perf_counter()
     train_seconds = 0.0
-    with progress_bar() as bar:
-        task = bar.add_task(f"train {run_dir.name}", total=(cfg.epochs - start_epoch) * steps_per_epoch, status="")
+    with progress.task(f"train {run_dir.name}", total=(cfg.epochs - start_epoch) * steps_per_epoch, unit="batch",
+                       show=dist.is_main) as bar:
+        images = 0
         for epoch in range(start_epoch, cfg.epochs):
             epoch_start = time.perf_counter()
             net.train()
             totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
-            for x, y in train_batches(ds, cfg.batch_size, epoch_generator(job.seed, epoch), job.data,
-                                      dist.rank, dist.world_size):
+            for step, (x, y) in enumerate(train_batches(ds, cfg.batch_size, epoch_generator(job.seed, epoch), job.data,
+                                                        dist.rank, dist.world_size), 1):
                 with autocast(device, cfg.precision):
                     out = net(x)
                     loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
@@ -242,7 +244,11 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
                 totals += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
                                        # torch.full, not torch.tensor: a fill kernel, no host-to-device copy
                                        torch.full((), float(len(y)), device=device, dtype=torch.float64)])
-                bar.advance(task)
+                images += len(y) * dist.world_size
+                # callables: read from the device only when the progress display is refreshed
+                bar.advance(1, epoch=f"{epoch + 1}/{cfg.epochs}", batch=f"{step}/{steps_per_epoch}",
+                            loss=lambda: totals[0] / totals[2], acc=lambda: totals[1] / totals[2],
+                            **{"img/s": lambda: images / (time.perf_counter() - started)})
             if dist.world_size > 1:
                 torch.distributed.all_reduce(totals)
             loss_sum, correct, count = totals.tolist()  # the one host sync of the epoch
@@ -262,9 +268,7 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
             status = f"loss {train_loss:.4f} acc {correct / count:.3f}"
             if "test_accuracy" in row:
                 status += f" test {row['test_accuracy']:.3f}"
-            bar.update(task, status=f"epoch {epoch + 1}/{cfg.epochs} {status}")
-            if dist.is_main and not console.is_terminal:  # logs get one line per epoch instead of a bar
-                console.print(f"{run_dir.name} epoch {epoch + 1}/{cfg.epochs}: {status}")
+            bar.log(f"{run_dir.name} epoch {epoch + 1}/{cfg.epochs}: {status}")
             if dist.is_main:
                 save_train_state(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                               "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
@@ -284,7 +288,8 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
             "architecture": job.model.arch, "width": job.model.width, "norm": job.model.norm,
             "bias": job.model.bias, "dataset": job.data.name, "seed": job.seed, "num_classes": ds.num_classes,
             "in_shape": list(ds.in_shape), "num_parameters": sum(p.numel() for p in model.parameters()),
-            "device": str(device), "world_size": dist.world_size, "config": resolved, "metrics": metrics,
+            "device": str(device), "world_size": dist.world_size, "threads": thread_info, "config": resolved,
+            "metrics": metrics,
             "versions": versions(), "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         write_csv(run_dir / "history.csv", history)

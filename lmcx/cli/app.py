@@ -5,11 +5,39 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
 from ..config import nested, parse_override
 
+GLOBAL_OPTIONS = {"--threads": 1, "--quiet": 0, "-q": 0}  # root options, and how many values each takes
+
+
+class GlobalOptionsFirst(TyperGroup):
+    """Accept the root options after the subcommand too (`lmcx train --threads 1 ...`) by moving them
+    in front of it; anything after `--` is left alone."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        front: list[str] = []
+        rest: list[str] = []
+        i = 0
+        while i < len(args):
+            if args[i] == "--":
+                rest += args[i:]
+                break
+            name = args[i].split("=", 1)[0]
+            if name in GLOBAL_OPTIONS and rest:  # before the subcommand it is already where it belongs
+                takes = 0 if "=" in args[i] else GLOBAL_OPTIONS[name]
+                front += args[i:i + 1 + takes]
+                i += 1 + takes
+                continue
+            rest.append(args[i])
+            i += 1
+        return super().parse_args(ctx, front + rest)
+
+
 app = typer.Typer(
+    cls=GlobalOptionsFirst,
     name="lmcx",
     help="Linear mode connectivity experiments: train, match permutations, interpolate, calibrate, analyse.",
     no_args_is_help=True,
@@ -29,8 +57,19 @@ def _version(value: bool) -> None:
 def root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    threads: Annotated[Optional[str], typer.Option(
+        "--threads", metavar="N|auto",
+        help="CPU threads for PyTorch (else $LMCX_THREADS, else OMP_NUM_THREADS if set, else auto: the cores "
+             "other processes leave free, 1 for small models). Also accepted after the subcommand.")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress bars or progress lines (also $LMCX_QUIET=1); results and errors still print.")] = False,
 ) -> None:
     """Linear mode connectivity experiments."""
+    from .. import threads as thread_policy
+    from ..console import set_quiet
+
+    set_quiet(quiet)
+    thread_policy.apply(threads)
 
 
 # Options shared by subcommands: YAML first, then these flags, then --set.

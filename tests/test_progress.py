@@ -1,0 +1,99 @@
+"""Progress output: plain lines on a non-terminal at a fixed cadence, nothing with --quiet, lazy fields."""
+from __future__ import annotations
+
+import pytest
+
+from lmcx import progress
+from lmcx.console import QUIET_ENV, set_quiet
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(progress, "clock", fake)
+    monkeypatch.delenv(progress.INTERVAL_ENV, raising=False)
+    monkeypatch.delenv(QUIET_ENV, raising=False)
+    set_quiet(False)
+    return fake
+
+
+def lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_plain_lines_first_within_5s_then_every_10s(clock, capsys):
+    shown = []
+    with progress.task("match wm", total=100, unit="sweep") as t:
+        for i in range(100):
+            clock.now += 0.5  # one step every half second: 50 s in all
+            t.advance(1, objective=lambda i=i: shown.append(i) or 0.25 * i)
+    captured = capsys.readouterr()
+    assert captured.out == ""  # progress never goes to stdout
+    out = lines(captured.err)
+    # first line at 5 s (step 10), then at 15, 25, 35, 45 s, and a closing line
+    assert len(out) == 6, out
+    assert out[0].startswith("match wm: 10/100 sweep (10%), 2 sweep/s, eta 0:45, objective 2.25")
+    assert out[1].startswith("match wm: 30/100 sweep (30%)") and out[4].startswith("match wm: 90/100")
+    assert out[-1].startswith("match wm: 100/100 sweep (100%)") and out[-1].endswith("[0:50] done")
+    assert all("\x1b" not in line for line in out)  # plain text, no terminal escapes
+    assert shown == [9, 29, 49, 69, 89, 99]  # fields are evaluated only when a line is printed
+
+
+def test_short_tasks_print_nothing(clock, capsys):
+    with progress.task("interpolate", total=3) as t:
+        for _ in range(3):
+            clock.now += 1
+            t.advance()
+    assert capsys.readouterr().err == ""
+
+
+def test_interval_from_the_environment(clock, capsys, monkeypatch):
+    monkeypatch.setenv(progress.INTERVAL_ENV, "2")
+    with progress.task("svd layers") as t:  # no total: count and rate, no percentage or eta
+        for _ in range(7):
+            clock.now += 1
+            t.advance()
+    out = lines(capsys.readouterr().err)
+    assert [line.split(":")[1].split()[0] for line in out] == ["2", "4", "6", "7"], out
+    assert "%" not in out[0] and "eta" not in out[0]
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_quiet_silences_lines_and_logs(clock, capsys, monkeypatch, how):
+    if how == "flag":
+        set_quiet(True)
+    else:
+        monkeypatch.setenv(QUIET_ENV, "1")
+    try:
+        with progress.task("train", total=10) as t:
+            for _ in range(10):
+                clock.now += 10
+                t.advance(loss=lambda: pytest.fail("a quiet task evaluates no field"))
+            t.log("epoch 1/1")
+    finally:
+        set_quiet(False)
+    assert capsys.readouterr().err == ""
+
+
+def test_training_progress_in_a_log_and_quiet(cli, synthetic_config, tmp_path, monkeypatch):
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")  # a line at every batch
+    result = cli("train", "-c", synthetic_config, "--out", tmp_path / "a")
+    assert result.code == 0 and result.out == "", result.err
+    batch_lines = [line for line in lines(result.err) if line.startswith("train a: ")]
+    assert len(batch_lines) == 22  # 3 epochs x 7 batches (448 images after the calibration split), closing line
+    assert all(f in batch_lines[0] for f in ("1/21 batch", "epoch 1/3", "batch 1/7", "loss ", "acc ", "img/s "))
+    assert any(line.startswith("a epoch 3/3: loss ") for line in lines(result.err))
+    for f in (tmp_path / "a").iterdir():
+        if f.suffix in (".json", ".csv", ".yaml"):
+            assert "batch/s" not in f.read_text()  # progress never goes into result files
+    quiet = cli("--quiet", "train", "-c", synthetic_config, "--out", tmp_path / "b")
+    assert quiet.code == 0 and len(lines(quiet.err)) == 1  # the result line alone
+    assert lines(quiet.err)[0].startswith(f"{tmp_path / 'b'}: test accuracy")
