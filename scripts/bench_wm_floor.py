@@ -1,0 +1,255 @@
+"""Where lmcx's weight matching spends its time, and how far it is from its floor.
+
+    python scripts/bench_wm_floor.py                       # MLP x4 and ResNet-20 x8, random init
+    python scripts/bench_wm_floor.py --trained             # + two digits MLPs x4 trained briefly (a minute or two)
+    python scripts/bench_wm_floor.py --orders 4            # + best of 4 random sweep orders (seeds 0..3)
+    python scripts/bench_wm_floor.py --models mlp:1 resnet20:2 --quick-probe
+
+Nothing in lmcx is changed: the script wraps, for one call of `weight_matching`, the module's
+`_cost_matrix` (timed, FLOPs counted: 2·n²·fan for each parameter a permutation acts on), `_gain` (the
+exact float64 checks of candidates: timed, changed units counted) and scipy's `linear_sum_assignment`
+(timed per solve, on the real cost matrices), and counts sweeps (one `torch.randperm` per sweep). With
+one thread (the default) every time is process CPU time, which other processes' load barely inflates;
+with more, wall clock. A matmul probe measures this machine's float32 GFLOP/s at the model's largest
+cost-matrix shape (one thread by default), and
+
+    floor = Σ_sizes LAP s/solve × solves + cost-matrix FLOPs / GFLOP/s
+
+i.e. what the same solves would cost with nothing around them; `WM / floor` is how close the
+implementation is to it (target <= 1.5 for MLP x4 and ResNet-20 x8). The per-sweep table shows how many
+permutations were solved, how many solves changed the assignment (and were accepted), and how many
+units moved: solves that return the current assignment are the first thing to cut.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+IN_SHAPES = {"mlp": (1, 28, 28), "resnet20": (3, 32, 32), "vgg11": (3, 32, 32)}
+clock = time.process_time  # one thread: CPU time; main() switches to wall clock for more
+
+
+class Recorder:
+    """Wraps weight_matching's pieces for one call and records what they did."""
+
+    def __init__(self, wm, spec):
+        import scipy.optimize
+
+        self.wm, self.spec, self.scipy = wm, spec, scipy.optimize
+        self.cost_s = self.gain_s = self.lap_s = 0.0
+        self.flops = 0
+        self.solves: list[dict] = []  # one per LAP: size, seconds, sweep
+        self.candidates: list[dict] = []  # assignments that differed from the current one: p, sweep, units moved, gain
+        self._candidate = None  # the candidate permutation dict being checked (held, so it is not confused with a later one)
+        self.sweep = -1
+
+    def __enter__(self):
+        import torch
+
+        wm, spec, rec = self.wm, self.spec, self
+        self.orig = (wm._cost_matrix, wm._gain, self.scipy.linear_sum_assignment, torch.randperm)
+        orig_cost, orig_gain, orig_lap, orig_randperm = self.orig
+
+        def randperm(*args, **kwargs):  # each sweep draws its order once
+            rec.sweep += 1
+            return orig_randperm(*args, **kwargs)
+
+        def cost_matrix(spec_, perm, p, n, a, b):
+            t = clock()
+            out = orig_cost(spec_, perm, p, n, a, b)
+            rec.cost_s += clock() - t
+            rec.flops += sum(2 * n * n * (a[k].numel() // n) for k, _ in spec.perm_to_axes[p] if k in a)
+            return out
+
+        def lap(cost, maximize=False):
+            t = clock()
+            out = orig_lap(cost, maximize=maximize)
+            dt = clock() - t
+            rec.lap_s += dt
+            rec.solves.append({"n": cost.shape[0], "s": dt, "sweep": rec.sweep})
+            return out
+
+        def gain(spec_, perm, new_perm, p, key, a, b):
+            t = clock()
+            out = orig_gain(spec_, perm, new_perm, p, key, a, b)
+            rec.gain_s += clock() - t
+            if new_perm is not rec._candidate:  # one candidate is checked parameter by parameter, in a row
+                rec._candidate = new_perm
+                rec.candidates.append({"p": p, "sweep": rec.sweep, "gain": 0.0,
+                                       "moved": int((perm[p] != new_perm[p]).sum())})
+            rec.candidates[-1]["gain"] += out
+            return out
+
+        wm._cost_matrix, wm._gain, self.scipy.linear_sum_assignment, torch.randperm = cost_matrix, gain, lap, randperm
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        self.wm._cost_matrix, self.wm._gain, self.scipy.linear_sum_assignment, torch.randperm = self.orig
+
+
+def gflops(n: int, fan: int, repeats: int = 3) -> float:
+    """float32 GFLOP/s of an (n x fan) @ (fan x n) product, best of `repeats`."""
+    import torch
+
+    x, y = torch.randn(n, fan), torch.randn(n, fan)
+    x @ y.T
+    best = math.inf
+    for _ in range(repeats):
+        t = clock()
+        x @ y.T
+        best = min(best, clock() - t)
+    return 2 * n * n * fan / best / 1e9
+
+
+def random_pair(arch: str, width: float, norm: str):
+    import torch
+
+    from lmcx.config import ModelConfig
+    from lmcx.models import build_model
+
+    cfg = ModelConfig(arch=arch, width=width, norm=norm)
+    states = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        states.append({k: v.detach() for k, v in build_model(cfg, IN_SHAPES[arch], 10).state_dict().items()})
+    return cfg, states[0], states[1]
+
+
+def trained_pair(width: float, epochs: int, tmp: Path):
+    """Two digits MLPs trained with `lmcx train` (one thread, quiet) for `epochs` epochs."""
+    from lmcx.checkpoint import load_checkpoint
+
+    env = {**os.environ, "LMCX_QUIET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    states = []
+    for seed in (0, 1):
+        out = tmp / f"digits-mlp-w{width:g}-s{seed}"
+        subprocess.run([sys.executable, "-m", "lmcx", "--threads", "1", "train", "-c", "configs/digits_mlp.yaml",
+                        "--width", str(width), "--seed", str(seed), "--epochs", str(epochs), "--out", str(out)],
+                       check=True, env=env, cwd=Path(__file__).resolve().parents[1])
+        ckpt = load_checkpoint(out)
+        states.append(ckpt.state)
+    return ckpt.model, states[0], states[1]
+
+
+def profile(name: str, cfg, a, b, args) -> None:
+    import importlib
+
+    from lmcx.models import permutation_spec
+    from lmcx.permutation import apply_permutation, l2_distance, perm_sizes
+
+    wm = importlib.import_module("lmcx.permutation.weight_matching")  # the module (the package exports the function)
+    spec = permutation_spec(cfg)
+    sizes = perm_sizes(spec, a)
+    with Recorder(wm, spec) as rec:
+        c0 = clock()
+        res = wm.weight_matching(spec, a, b, seed=args.seed)
+        total = clock() - c0
+    solves_by_n: dict[int, list[float]] = defaultdict(list)
+    for s in rec.solves:
+        solves_by_n[s["n"]].append(s["s"])
+    # the probe at the largest cost-matrix product: the biggest n and its widest fan
+    n_big = max(sizes.values())
+    fan_big = max(a[k].numel() // n_big for p, n in sizes.items() if n == n_big for k, _ in spec.perm_to_axes[p] if k in a)
+    rate = gflops(min(n_big, 1024) if args.quick_probe else n_big, fan_big)
+    lap_floor = rec.lap_s
+    flop_floor = rec.flops / (rate * 1e9)
+    floor = lap_floor + flop_floor
+    other = total - rec.cost_s - rec.lap_s - rec.gain_s
+    l2 = l2_distance(a, apply_permutation(spec, res.perm, b))[0]
+    print(f"\n{name}: {len(spec.names)} permutations, sizes {sorted(set(sizes.values()))}; {res.iterations} sweeps, "
+          f"{res.solves} solves; WM {total:.2f} s ({res.seconds:.2f} s wall); L2 {l2_distance(a, b)[0]:.3f} -> {l2:.3f}")
+    print(f"  time: cost matrices {rec.cost_s:.2f} s ({rec.cost_s / total:.0%}, {rec.flops / 1e9:.1f} GFLOP = "
+          f"{rec.flops / 1e9 / max(rec.cost_s, 1e-9):.1f} GFLOP/s), LAP {rec.lap_s:.2f} s ({rec.lap_s / total:.0%}), "
+          f"float64 checks {rec.gain_s:.2f} s ({rec.gain_s / total:.0%}), other {other:.2f} s ({other / total:.0%})")
+    print("  floor: LAP " + " + ".join(f"{statistics.mean(ts) * 1e3:.2f} ms x {len(ts)} (n={n})"
+                                      for n, ts in sorted(solves_by_n.items()))
+          + f" = {lap_floor:.2f} s; FLOPs {rec.flops / 1e9:.1f} GFLOP / {rate:.1f} GFLOP/s (probe {n_big}x{fan_big}) = "
+          f"{flop_floor:.2f} s; floor {floor:.2f} s; WM / floor = {total / floor:.2f}")
+    by_sweep: dict[int, dict] = defaultdict(lambda: {"solves": 0, "changed": 0, "accepted": 0, "moved": 0})
+    for s in rec.solves:
+        by_sweep[s["sweep"]]["solves"] += 1
+    for c in rec.candidates:
+        row = by_sweep[c["sweep"]]
+        row["changed"] += 1
+        row["moved"] += c["moved"]
+        row["accepted"] += c["gain"] > 0
+    print("  sweep: solves / changed the assignment / accepted / units moved; objective gain")
+    obj = res.objective
+    for i in sorted(by_sweep):
+        r = by_sweep[i]
+        gain = obj[i + 1] - obj[i] if i + 1 < len(obj) else float("nan")
+        print(f"    {i + 1:>3}: {r['solves']:>3} / {r['changed']:>3} / {r['accepted']:>3} / {r['moved']:>6}; {gain:+.4g}")
+    unchanged = res.solves - len(rec.candidates)
+    print(f"  {unchanged} of {res.solves} solves ({unchanged / max(res.solves, 1):.0%}) returned the current assignment")
+    if args.orders > 1:
+        rows = []
+        for seed in range(args.orders):
+            t = clock()
+            r = wm.weight_matching(spec, a, b, seed=seed)
+            rows.append((seed, r.iterations, r.solves, clock() - t, l2_distance(a, apply_permutation(spec, r.perm, b))[0]))
+        best = min(rows, key=lambda r: r[4])
+        print("  sweep orders: " + "; ".join(f"seed {s}: {it} sweeps, {so} solves, {sec:.2f} s, L2 {d:.4f}"
+                                             for s, it, so, sec, d in rows))
+        print(f"  best of {args.orders}: seed {best[0]}, L2 {best[4]:.4f} ({(best[4] - rows[0][4]) / rows[0][4]:+.3%} vs seed 0) "
+              f"for {sum(r[3] for r in rows) / rows[0][3]:.1f}x the time")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["mlp:4", "resnet20:8"], help="arch:width, random init")
+    ap.add_argument("--mlp-norm", default="none", choices=["none", "bn", "ln"])
+    ap.add_argument("--trained", action="store_true", help="also two digits MLPs trained briefly")
+    ap.add_argument("--trained-width", type=float, default=4)
+    ap.add_argument("--trained-epochs", type=int, default=5)
+    ap.add_argument("--orders", type=int, default=1, help="also run this many sweep orders (seeds) and keep the best")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick-probe", action="store_true", help="probe GFLOP/s at n <= 1024 (faster, less exact)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    global clock
+    torch.set_num_threads(args.threads)
+    if args.threads != 1:
+        clock = time.perf_counter
+    load0 = os.getloadavg()
+    print(f"weight matching floor; torch {torch.__version__}, {args.threads} thread(s), seconds are "
+          f"{'CPU time' if args.threads == 1 else 'wall clock'}; load "
+          f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+    cfg0, w0a, w0b = random_pair("mlp", 0.25, "none")
+    _warm(cfg0, w0a, w0b)
+    for spec_text in args.models:
+        arch, width = spec_text.split(":")
+        cfg, a, b = random_pair(arch, float(width), args.mlp_norm if arch == "mlp" else "bn")
+        profile(f"{arch} x{float(width):g} ({cfg.norm}), random init", cfg, a, b, args)
+    if args.trained:
+        with tempfile.TemporaryDirectory(prefix="lmcx-wm-floor-") as tmp:
+            cfg, a, b = trained_pair(args.trained_width, args.trained_epochs, Path(tmp))
+            profile(f"digits mlp x{args.trained_width:g}, trained {args.trained_epochs} epochs", cfg, a, b, args)
+    load1 = os.getloadavg()
+    print(f"\nload at the end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+
+
+def _warm(cfg, a, b) -> None:
+    """One small call first: one-off imports and set-up stay out of the figures."""
+    from lmcx.models import permutation_spec
+    from lmcx.permutation import weight_matching
+
+    weight_matching(permutation_spec(cfg), a, b, max_iter=2)
+
+
+if __name__ == "__main__":
+    main()
