@@ -193,6 +193,7 @@ def profile(name: str, cfg, a, b, args) -> None:
         print(f"    {i + 1:>3}: {r['solves']:>3} / {r['changed']:>3} / {r['accepted']:>3} / {r['moved']:>6}; {gain:+.4g}")
     unchanged = res.solves - len(rec.candidates)
     print(f"  {unchanged} of {res.solves} solves ({unchanged / max(res.solves, 1):.0%}) returned the current assignment")
+    stopping_rules(res.objective, [by_sweep[i]["solves"] for i in sorted(by_sweep)], wm.matchable_params(spec, a, b), a, b)
     if args.orders > 1:
         rows = []
         for seed in range(args.orders):
@@ -204,6 +205,26 @@ def profile(name: str, cfg, a, b, args) -> None:
                                              for s, it, so, sec, d in rows))
         print(f"  best of {args.orders}: seed {best[0]}, L2 {best[4]:.4f} ({(best[4] - rows[0][4]) / rows[0][4]:+.3%} vs seed 0) "
               f"for {sum(r[3] for r in rows) / rows[0][3]:.1f}x the time")
+
+
+def stopping_rules(objective: list[float], solves: list[int], keys: list[str], a, b) -> None:
+    """What stopping after the first sweep that gains less than tol x the objective would have cost and saved.
+
+    ||θ_A − π(θ_B)||² = ||θ_A||² + ||θ_B||² − 2·objective over the matched entries, so the L2 after every
+    sweep follows from the objective without re-running anything.
+    """
+    norms = math.fsum(float(a[k].double().square().sum() + b[k].double().square().sum()) for k in keys)
+    l2 = [math.sqrt(max(norms - 2 * o, 0.0)) for o in objective]  # l2[i]: after sweep i (0: start)
+    cum = [sum(solves[:i]) for i in range(len(solves) + 1)]
+    final = l2[-1]
+    parts = []
+    for tol in (1e-3, 1e-4, 1e-5):
+        stop = next((i for i in range(1, len(objective)) if objective[i] - objective[i - 1] < tol * abs(objective[i])),
+                    len(objective) - 1)
+        stop = min(stop, len(cum) - 1)
+        parts.append(f"tol {tol:g}: stop after sweep {stop}, {cum[stop]} of {cum[-1]} solves, L2 {l2[stop]:.4f} "
+                     f"({(l2[stop] - final) / final:+.3%})")
+    print("  stopping at a relative gain below tol (L2 over matched entries, vs running to the end): " + "; ".join(parts))
 
 
 def main(argv: list[str] | None = None) -> None:
