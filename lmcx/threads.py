@@ -61,8 +61,8 @@ def busy_cores() -> int:
     return max(0, running, round(load1))
 
 
-def parse(value: str | int | None) -> int | None:
-    """`auto` / None -> None; a positive integer -> that integer; else LmcxError."""
+def parse(value: str | int | None, where: str = "--threads") -> int | None:
+    """`auto` / None -> None; a positive integer -> that integer; else LmcxError naming `where`."""
     if value is None or str(value).strip().lower() in ("", "auto"):
         return None
     try:
@@ -70,7 +70,8 @@ def parse(value: str | int | None) -> int | None:
     except ValueError:
         n = 0
     if n < 1:
-        raise LmcxError(f"threads must be 'auto' or a positive integer, got {value!r}; e.g. --threads 1")
+        example = "--threads 1" if where == "--threads" else f"{where}=1"
+        raise LmcxError(f"{where} must be 'auto' or a positive integer, got {value!r}; e.g. {example}")
     return n
 
 
@@ -80,8 +81,8 @@ def choose(requested: str | int | None = None) -> dict[str, Any]:
     if requested is not None and parse(requested) is not None:
         return {"threads": parse(requested), "source": "--threads", "cores": cores}
     env = os.environ.get(ENV)
-    if env and parse(env) is not None:
-        return {"threads": parse(env), "source": ENV, "cores": cores}
+    if env and parse(env, ENV) is not None:
+        return {"threads": parse(env, ENV), "source": ENV, "cores": cores}
     if USER_OMP:
         try:
             return {"threads": parse(USER_OMP), "source": "OMP_NUM_THREADS", "cores": cores}

@@ -40,6 +40,9 @@ def test_explicit_choices_win_in_order(policy, monkeypatch):
     monkeypatch.setattr(threads, "USER_OMP", "5")
     assert threads.choose("2")["threads"] == 2 and threads.choose("2")["source"] == "--threads"
     assert threads.choose("auto") == {"threads": 3, "source": threads.ENV, "cores": 8}
+    monkeypatch.setenv(threads.ENV, "lots")
+    with pytest.raises(LmcxError, match="LMCX_THREADS must be 'auto' or a positive integer, got 'lots'"):
+        threads.choose(None)
     monkeypatch.delenv(threads.ENV)
     assert threads.choose(None) == {"threads": 5, "source": "OMP_NUM_THREADS", "cores": 8}
     monkeypatch.setattr(threads, "USER_OMP", None)
@@ -92,8 +95,8 @@ def test_small_models_get_one_thread_under_auto_only(policy, monkeypatch):
 def test_cli_threads_option_before_or_after_the_subcommand(cli, synthetic_config, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MKL_NUM_THREADS", "1")
-    assert_clean_error(cli("--threads", "0", "train", "-c", synthetic_config), "threads", "positive integer")
-    assert_clean_error(cli("train", "-c", synthetic_config, "--threads", "many"), "threads", "positive integer")
+    assert_clean_error(cli("--threads", "0", "train", "-c", synthetic_config), "--threads", "positive integer")
+    assert_clean_error(cli("train", "-c", synthetic_config, "--threads", "many"), "--threads", "'many'")
     run = tmp_path / "run"
     result = cli("train", "-c", synthetic_config, "--out", run, "--threads=1")
     assert result.code == 0, result.err
