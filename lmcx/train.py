@@ -137,8 +137,8 @@ def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    fraction = (step - warmup) / max(1, total - warmup)
+    return 1.0 - fraction if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * fraction))
 
 
 # ---------------------------------------------------------------------------------------------
