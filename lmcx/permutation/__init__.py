@@ -1,6 +1,10 @@
 """Permutations of hidden units, one method per module:
-  spec.py                 permutation specs (which permutation acts on which axis of which parameter),
-                          applying, composing and checking permutations, permutation files
+  spec.py                 permutation specs (which permutation acts on which axis of which parameter,
+                          block axes, pin reasons), applying, composing and checking permutations, files
+  trace.py                `trace_spec`: the spec of any model traced with torch.fx (axis_groups.py: the
+                          union-find over axes; trace_ops.py, trace_layers.py: the handlers;
+                          trace_table.py: which module / function / method each handler covers)
+  check.py                `check_spec`: a spec verified by permuting and comparing outputs; coverage
   weight_matching.py      weight matching (`lmcx match --method wm`) and the L2 distance of two models
   activation_matching.py  activation matching (`--method am`) from activation correlations on data
   ste.py                  the straight-through estimator (`--method ste`)
@@ -24,7 +28,9 @@ from .spec import (
     random_permutation,
     save_permutation_file,
 )
+from .check import Coverage, check_spec, spec_coverage
 from .ste import SteResult, straight_through_estimator
+from .trace import trace_spec
 from .weight_matching import WeightMatchingResult, l2_distance, matchable_params, weight_matching
 
 __all__ = [
@@ -55,4 +61,8 @@ __all__ = [
     "assign_from_correlation",
     "SteResult",
     "straight_through_estimator",
+    "trace_spec",
+    "check_spec",
+    "spec_coverage",
+    "Coverage",
 ]

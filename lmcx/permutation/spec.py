@@ -7,6 +7,10 @@ function. Each architecture describes itself once as a `PermutationSpec`; everyt
 
 A permutation is a 1-D int64 tensor `p` of length n: new unit i is old unit p[i], i.e. permuting an
 axis means `w.index_select(axis, p)`.
+
+Block axes: an axis of size n·k can be permuted in blocks of k (`spec.block_sizes[(param, axis)] = k`):
+index c·k + j becomes p[c]·k + j. This is the input axis of a Linear after `flatten` of a [C, H, W]
+feature map (k = H·W): the channel permutation moves whole H·W blocks of columns.
 """
 from __future__ import annotations
 
@@ -27,12 +31,16 @@ class PermutationSpec:
 
     `activation_points[perm]` lists module names whose forward output carries that permutation's
     units on dimension 1 (used by activation matching and feature analyses). Parameters absent from
-    `axes_to_perm` (e.g. `num_batches_tracked`) are left as they are.
+    `axes_to_perm` (e.g. `num_batches_tracked`) are left as they are. `block_sizes[(param, axis)] = k`
+    marks an axis permuted in blocks of k (see the module docstring; absent: k = 1). `pinned[(param,
+    axis)]` says why an axis is not permuted, where the spec's author knows (traced specs do).
     """
 
     axes_to_perm: dict[str, tuple[str | None, ...]]
     perm_to_axes: dict[str, list[tuple[str, int]]]
     activation_points: dict[str, list[str]] = field(default_factory=dict)
+    block_sizes: dict[tuple[str, int], int] = field(default_factory=dict)
+    pinned: dict[tuple[str, int], str] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -42,18 +50,37 @@ class PermutationSpec:
 def permutation_spec_from_axes(
     axes_to_perm: dict[str, tuple[str | None, ...]],
     activation_points: dict[str, list[str]] | None = None,
+    block_sizes: dict[tuple[str, int], int] | None = None,
+    pinned: dict[tuple[str, int], str] | None = None,
 ) -> PermutationSpec:
     perm_to_axes: dict[str, list[tuple[str, int]]] = {}
     for param, axes in axes_to_perm.items():
         for axis, perm in enumerate(axes):
             if perm is not None:
                 perm_to_axes.setdefault(perm, []).append((param, axis))
-    return PermutationSpec(dict(axes_to_perm), perm_to_axes, dict(activation_points or {}))
+    blocks = {key: k for key, k in (block_sizes or {}).items() if k != 1}
+    return PermutationSpec(dict(axes_to_perm), perm_to_axes, dict(activation_points or {}), blocks, dict(pinned or {}))
+
+
+def block_size(spec: PermutationSpec, key: str, axis: int) -> int:
+    return spec.block_sizes.get((key, axis), 1)
+
+
+def axis_index(spec: PermutationSpec, key: str, axis: int, p: Permutation) -> torch.Tensor:
+    """The index along `key`'s `axis` that permutation `p` of the spec's units selects (blocks expanded)."""
+    return expand_blocks(p, block_size(spec, key, axis))
+
+
+def expand_blocks(p: torch.Tensor, k: int) -> torch.Tensor:
+    """Unit indices -> axis indices for blocks of k: [p[0]·k .. p[0]·k+k-1, p[1]·k, ...]."""
+    if k == 1:
+        return p
+    return (p[:, None] * k + torch.arange(k, device=p.device)).reshape(-1)
 
 
 def perm_sizes(spec: PermutationSpec, params: StateDict) -> dict[str, int]:
     """Number of units of each permutation, read off the first parameter it acts on."""
-    return {p: params[axes[0][0]].shape[axes[0][1]] for p, axes in spec.perm_to_axes.items()}
+    return {p: params[k].shape[axis] // block_size(spec, k, axis) for p, ((k, axis), *_) in spec.perm_to_axes.items()}
 
 
 def identity_permutation(spec: PermutationSpec, params: StateDict) -> dict[str, Permutation]:
@@ -77,7 +104,8 @@ def get_permuted_param(
     for axis, p in enumerate(spec.axes_to_perm.get(key, ())):
         if axis == except_axis or p is None:
             continue
-        w = torch.index_select(w, axis, perm[p].to(w.device))
+        k = block_size(spec, key, axis)  # a block axis moves whole blocks: (n·k) -> (n, k), permute n, back
+        w = torch.index_select(w.unflatten(axis, (-1, k)), axis, perm[p].to(w.device)).flatten(axis, axis + 1)
     return w
 
 

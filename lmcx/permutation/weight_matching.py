@@ -8,7 +8,8 @@ problem with cost
 
     C_p = Σ over (param, axis) in p of  A(axis→0).reshape(n, -1) @ [π_{¬p}(B)](axis→0).reshape(n, -1)ᵀ
 
-where `π_{¬p}(B)` is B with every permutation applied except `p` on that axis.
+where `π_{¬p}(B)` is B with every permutation applied except `p` on that axis. An axis permuted in
+blocks of k (`spec.block_sizes`) reshapes to (n, k·rest), so row c of the cost holds the whole block c.
 
 What counts: only parameters named in `spec.axes_to_perm` (anything else in the state dicts is
 ignored) and only floating tensors among them (integer buffers are skipped). BatchNorm running
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 
 from ..errors import LmcxError
-from .spec import Permutation, PermutationSpec, StateDict, check_permutation, get_permuted_param
+from .spec import (Permutation, PermutationSpec, StateDict, axis_index, block_size, check_permutation, expand_blocks,
+                   get_permuted_param, perm_sizes)
 
 __all__ = ["WeightMatchingResult", "weight_matching", "l2_distance", "matchable_params"]
 
@@ -90,8 +92,8 @@ def matchable_params(spec: PermutationSpec, params_a: StateDict, params_b: State
     sizes: dict[str, int] = {}
     for p, axes in spec.perm_to_axes.items():
         for k, axis in axes:
-            n = params_a[k].shape[axis]
-            if sizes.setdefault(p, n) != n:
+            n, rest = divmod(params_a[k].shape[axis], block_size(spec, k, axis))
+            if rest or sizes.setdefault(p, n) != n:
                 raise LmcxError(f"permutation {p!r} acts on axes of different sizes ({sizes[p]} and {n} at "
                                 f"{k!r} axis {axis}); the spec does not match this model")
     return keys
@@ -135,7 +137,8 @@ def _sliced_dot64(wa: torch.Tensor, wb: torch.Tensor, axis: int, rows: torch.Ten
 
 
 def _others(spec: PermutationSpec, perm: Mapping[str, Permutation], key: str, axis: int) -> list[tuple[int, torch.Tensor]]:
-    return [(ax, perm[q]) for ax, q in enumerate(spec.axes_to_perm[key]) if q is not None and ax != axis]
+    return [(ax, axis_index(spec, key, ax, perm[q])) for ax, q in enumerate(spec.axes_to_perm[key])
+            if q is not None and ax != axis]
 
 
 def _inner(spec: PermutationSpec, perm: Mapping[str, Permutation], key: str,
@@ -146,7 +149,8 @@ def _inner(spec: PermutationSpec, perm: Mapping[str, Permutation], key: str,
         return (wa.double() * wb.double()).item()
     q0 = spec.axes_to_perm[key][0]
     rows = torch.arange(wa.shape[0], device=wa.device)
-    return _sliced_dot64(wa, wb, 0, rows, rows if q0 is None else perm[q0], None, _others(spec, perm, key, 0)).item()
+    rows_b = rows if q0 is None else axis_index(spec, key, 0, perm[q0])
+    return _sliced_dot64(wa, wb, 0, rows, rows_b, None, _others(spec, perm, key, 0)).item()
 
 
 def _gain(spec: PermutationSpec, perm: Mapping[str, Permutation], new_perm: Mapping[str, Permutation], p: str,
@@ -164,7 +168,9 @@ def _gain(spec: PermutationSpec, perm: Mapping[str, Permutation], new_perm: Mapp
     rows = torch.nonzero(old != new).flatten()
     if rows.numel() == 0:
         return 0.0
-    return _sliced_dot64(a[key], b[key], axis, rows, new[rows], old[rows], _others(spec, perm, key, axis)).item()
+    k = block_size(spec, key, axis)
+    return _sliced_dot64(a[key], b[key], axis, expand_blocks(rows, k), expand_blocks(new[rows], k),
+                         expand_blocks(old[rows], k), _others(spec, perm, key, axis)).item()
 
 
 def _cost_matrix(spec: PermutationSpec, perm: Mapping[str, Permutation], p: str, n: int,
@@ -211,7 +217,7 @@ def weight_matching(
         a[k] = params_a[k].detach().to(device=device, dtype=dtype)
         b[k] = params_b[k].detach().to(device=device, dtype=dtype)
 
-    sizes = {p: params_a[axes[0][0]].shape[axes[0][1]] for p, axes in spec.perm_to_axes.items()}
+    sizes = perm_sizes(spec, params_a)
     if init_perm is None:
         perm = {p: torch.arange(n, device=device) for p, n in sizes.items()}
     else:
