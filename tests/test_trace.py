@@ -175,6 +175,110 @@ def test_concatenation_grouped_conv_and_group_norm_are_pinned_with_reasons():
     assert spec.pinned[("norm.weight", 0)].startswith("GroupNorm with 2 groups")
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention written out: fused qkv, heads split by view/permute/unbind."""
+
+    def __init__(self, d=16, heads=2, sdpa=False):
+        super().__init__()
+        self.qkv, self.proj, self.heads, self.sdpa = nn.Linear(d, 3 * d), nn.Linear(d, d), heads, sdpa
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.sdpa:
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            o = (q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5).softmax(-1) @ v
+        return self.proj(o.transpose(1, 2).reshape(b, n, d))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.fc, self.out = nn.Linear(d, 64), nn.Linear(32, d)
+
+    def forward(self, x):
+        a, g = self.fc(x).chunk(2, dim=-1)
+        return self.out(a * torch.sigmoid(g))
+
+
+class TinyLM(nn.Module):
+    """Token ids -> tied embedding, learned positions, pre-norm attention and gated MLP, RMSNorm."""
+
+    def __init__(self, sdpa):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(20, 16), nn.Parameter(torch.randn(1, 5, 16))
+        self.ln1, self.attn, self.ln2, self.mlp = nn.LayerNorm(16), Attention(sdpa=sdpa), nn.LayerNorm(16), GatedMLP()
+        self.final = nn.RMSNorm(16)
+
+    def forward(self, ids):
+        x = self.emb(ids) + self.pos
+        x = x + self.attn(self.ln1(x))
+        x = x + self.mlp(self.ln2(x))
+        return F.linear(self.final(x), self.emb.weight)
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_token_model_permutes_its_residual_stream_through_attention(sdpa):
+    model = TinyLM(sdpa)
+    spec = trace_spec(model, torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0)))
+    assert _groups(spec) == {frozenset({
+        ("emb.weight", 1), ("pos", 2), ("ln1.weight", 0), ("ln1.bias", 0), ("attn.qkv.weight", 1),
+        ("attn.proj.weight", 0), ("attn.proj.bias", 0), ("ln2.weight", 0), ("ln2.bias", 0), ("mlp.fc.weight", 1),
+        ("mlp.out.weight", 0), ("mlp.out.bias", 0), ("final.weight", 0)})}
+    # the fused q/k/v rows and the gated halves would need per-segment permutations: pinned
+    assert {spec.pinned[("attn.qkv.weight", 0)], spec.pinned[("mlp.fc.weight", 0)]} == {"split along this axis"}
+    assert spec.pinned[("emb.weight", 0)] == "embedding rows (token ids)"
+
+
+class Assorted(nn.Module):
+    """PReLU, InstanceNorm, GroupNorm with one channel per group, a transposed conv, resampling, a conv
+    used twice, stack, indexing, expand, transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.prelu = nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(8)
+        self.inorm, self.gnorm = nn.InstanceNorm2d(8, affine=True), nn.GroupNorm(8, 8)
+        self.up, self.down = nn.ConvTranspose2d(8, 6, 2, stride=2), nn.Upsample(scale_factor=0.5)
+        self.shared, self.fc = nn.Conv2d(6, 6, 1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.down(self.up(self.gnorm(self.inorm(self.prelu(self.conv(x))))))
+        x = self.shared(F.silu(self.shared(F.interpolate(x, scale_factor=1.0))))
+        y = torch.stack([x, x * 2], dim=1).sum(1)[:, :, 0][..., None].expand(-1, -1, -1, 3).mean(-1)
+        return self.fc(y.transpose(1, 2)).amax(1)
+
+
+def test_assorted_layers_and_a_module_called_twice():
+    model = Assorted()
+    spec = trace_spec(model, _batch(3, 8, 8))
+    coverage = spec_coverage(spec, model.state_dict())
+    assert coverage.full and coverage.permutations == 2
+    assert spec.axes_to_perm["shared.weight"][:2] == (spec.axes_to_perm["up.weight"][1],) * 2
+    assert spec.axes_to_perm["prelu.weight"][0] == spec.axes_to_perm["gnorm.bias"][0] == \
+        spec.axes_to_perm["up.weight"][0]
+
+
+class NormalizedLinear(nn.Linear):
+    def forward(self, x):  # a subclass with its own forward is traced into, not taken for a Linear
+        return F.linear(x, self.weight / self.weight.norm(dim=1, keepdim=True), self.bias)
+
+
+class TrainOnlyHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head, self.aux = NormalizedLinear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        return (self.head(h), self.aux(h)) if self.training else self.head(h)
+
+
+def test_train_only_branch_and_a_subclass_with_its_own_forward():
+    spec = trace_spec(TrainOnlyHead(), _batch(4))  # traced in eval and in train mode
+    assert _groups(spec) == {frozenset({("fc.weight", 0), ("fc.bias", 0), ("head.weight", 1), ("aux.weight", 1)})}
+
+
 class Branching(nn.Module):
     def __init__(self):
         super().__init__()

@@ -121,10 +121,11 @@ def _perturbed_copy(model: nn.Module, inputs: tuple, seed: int) -> tuple[nn.Modu
             if not t.is_floating_point() or not t.numel():
                 continue
             if key.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=gen))
+                t.copy_(0.5 + torch.rand(t.shape, generator=gen).to(t.device))
             elif t.numel() == 1 or bool(t.min() == t.max()):
                 scale = t.flatten()[0].abs().item()
-                t.add_(0.1 * torch.randn(t.shape, generator=gen) * (scale if 0 < scale < math.inf else 1.0))
+                noise = torch.randn(t.shape, generator=gen).to(t.device)
+                t.add_(0.1 * noise * (scale if 0 < scale < math.inf else 1.0))
     for dtype, tol in ((torch.float64, 1e-6), (torch.float32, 1e-3)):
         cast = tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs)
         try:
@@ -182,7 +183,7 @@ def _compare(reference: nn.Module, permuted: nn.Module, spec: PermutationSpec, p
             for name in names:
                 if name not in acts[0]:
                     return f"activation point {name!r} is not reached in the forward pass"
-                a = acts[0][name].index_select(1, perm[p])
+                a = acts[0][name].index_select(1, perm[p].to(acts[0][name].device))
                 if not _max_diff(a, acts[1][name]) <= tol * (1 + a.double().abs().max().item()):
                     return f"activation point {name!r} does not carry permutation {p!r}"
     return None

@@ -14,6 +14,7 @@ feature map (k = H·W): the channel permutation moves whole H·W blocks of colum
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -112,9 +113,13 @@ def get_permuted_param(
 def apply_permutation(
     spec: PermutationSpec, perm: Mapping[str, Permutation], params: StateDict
 ) -> dict[str, torch.Tensor]:
-    """Return a new state dict with `perm` applied to every parameter and buffer the spec names."""
+    """Return a new state dict with `perm` applied to every parameter and buffer the spec names (and the
+    version metadata of a `module.state_dict()`, which some modules' loaders require)."""
     check_permutation(spec, perm, params)
-    return {k: get_permuted_param(spec, perm, k, params) for k in params}
+    out = OrderedDict((k, get_permuted_param(spec, perm, k, params)) for k in params)
+    if hasattr(params, "_metadata"):
+        out._metadata = params._metadata
+    return out
 
 
 def check_permutation(spec: PermutationSpec, perm: Mapping[str, Permutation], params: StateDict) -> None:

@@ -156,6 +156,8 @@ class _Tracing:
         elif n.op == "output":
             self._pin_all(fx.node.map_arg(n.args, values.get), "model output")
             value = None
+        elif isinstance(n.target, type) and issubclass(n.target, tuple):  # a (named) tuple built of outputs
+            value = tuple(fx.node.map_arg(n.args, values.get)) + tuple(fx.node.map_arg(n.kwargs, values.get).values())
         elif n.target is operator.getitem and isinstance(n.args[0], fx.Node) and \
                 isinstance(values.get(n.args[0]), (tuple, dict)) and not isinstance(values[n.args[0]], Dims):
             # an element of a tuple output (chunk, attention)

@@ -151,9 +151,10 @@ def attribute(ctx: OpContext) -> None:
 # Axis bookkeeping: reductions, reshapes, reorders, indexing, concatenation
 
 
-def reduce(ctx: OpContext) -> None:
-    """mean/sum/amax/... over some axes: a reduced axis's order does not matter; the rest carry over."""
-    x, out, dim = ctx.darg(0, "input"), ctx.out, ctx.arg(1, "dim")
+def reduce(ctx: OpContext, dim_at: int = 1) -> None:
+    """mean/sum/amax/... over some axes: a reduced axis's order does not matter; the rest carry over.
+    `dim_at`: the position of the `dim` argument (2 for norm(x, p, dim))."""
+    x, out, dim = ctx.darg(0, "input"), ctx.out, ctx.arg(dim_at, "dim")
     if x is None or not isinstance(out, Dims) or isinstance(dim, bool):
         return
     dims = list(range(len(x))) if dim is None else [dim] if isinstance(dim, int) else list(dim)

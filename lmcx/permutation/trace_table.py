@@ -111,6 +111,7 @@ for _group, _handler in [
       operator.lt, operator.le, operator.gt, operator.ge]
      + _named(torch, "add sub mul div true_divide maximum minimum where pow rsub eq ne lt le gt ge"), ops.broadcast),
     (_named(torch, "mean sum amax amin var std logsumexp nansum nanmean"), ops.reduce),
+    ([torch.norm, torch.linalg.vector_norm], lambda c: ops.reduce(c, dim_at=2)),
     (_named(torch, "flatten reshape squeeze unsqueeze unflatten"), ops.reshape),
     (_named(torch, "permute transpose swapaxes swapdims movedim moveaxis t"), ops.reorder),
     (_named(torch, "broadcast_to"), ops.expand),
@@ -151,6 +152,7 @@ for _names, _handler in [
     ("to type_as float double half bfloat16 contiguous clone detach cpu cuda", ops.cast),
     ("add add_ sub sub_ mul mul_ div div_ pow maximum minimum masked_fill masked_fill_ where", ops.broadcast),
     ("mean sum amax amin var std logsumexp", ops.reduce),
+    ("norm", lambda c: ops.reduce(c, dim_at=2)),
     ("view reshape flatten unflatten squeeze unsqueeze squeeze_ unsqueeze_ view_as reshape_as", ops.reshape),
     ("permute transpose swapaxes swapdims movedim moveaxis t", ops.reorder),
     ("expand expand_as broadcast_to", ops.expand),
