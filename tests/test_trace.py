@@ -327,6 +327,15 @@ def test_check_spec_names_a_wrong_permutation_of_a_hand_written_spec():
                    _batch(3, 8, 8))
 
 
+def test_check_spec_catches_an_activation_point_of_another_permutation():
+    cfg = ModelConfig(arch="mlp", width=1 / 64, norm="bn")
+    spec = permutation_spec(cfg)
+    points = dict(spec.activation_points, **{"layers.0": ["layers.1.relu"]})
+    broken = permutation_spec_from_axes(spec.axes_to_perm, points)
+    with pytest.raises(LmcxError, match=r"activation point 'layers\.1\.relu' does not carry permutation 'layers\.0'"):
+        check_spec(build_model(cfg, (3, 8, 8), 10), broken, _batch(3, 8, 8))
+
+
 def _wm_pair(spec, a, b, x):
     """Weight matching of b to a: L2 before/after and the max logit change of b (eval mode)."""
     sa, sb = a.state_dict(), b.state_dict()

@@ -18,13 +18,14 @@ import copy
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
 
 from ..errors import LmcxError
 from .spec import Permutation, PermutationSpec, StateDict, apply_permutation, perm_sizes
+from .trace_ops import leaves
 from .weight_matching import matchable_params
 
 __all__ = ["Coverage", "check_spec", "spec_coverage"]
@@ -98,7 +99,7 @@ def check_spec(model: nn.Module, spec: PermutationSpec, example_input: torch.Ten
         culprits = [p for p in spec.names
                     if _compare(reference, permuted, spec, {**identity, p: perm[p]}, inputs, tol, seed) is not None]
         named = "; ".join(f"permutation {p!r} (on {_axes(spec, p)})" for p in culprits[:3]) or \
-            "the permutations together (none alone)"
+            "all permutations together (no single one)"
         raise LmcxError(f"the permutation spec does not fit the model: {failure} under {named}; "
                         "the spec would not preserve the model's function")
     return spec_coverage(spec, state)
@@ -169,10 +170,11 @@ def _compare(reference: nn.Module, permuted: nn.Module, spec: PermutationSpec, p
             try:
                 with torch.no_grad(), torch.random.fork_rng(devices=[]), forward_hooks(m, hooks):
                     torch.manual_seed(seed)
-                    outputs.append(_tensors(m(*inputs)))
+                    outputs.append(leaves(m(*inputs), torch.Tensor))
             except Exception as e:
                 raise LmcxError(f"the model fails on the example input in {'train' if training else 'eval'} mode: "
-                                f"{str(e).strip().splitlines()[0]}; pass a batch of at least 2 samples") from None
+                                f"{str(e).strip().splitlines()[0]}; pass an input the model accepts in both modes "
+                                "(BatchNorm in train mode needs more than one value per channel)") from None
             acts.append(store)
         mode = "train" if training else "eval"
         diff = max((_max_diff(a, b) for a, b in zip(*outputs)), default=0.0)
@@ -193,16 +195,6 @@ def _recorder(store: dict[str, torch.Tensor], name: str):
     def hook(_module, _inputs, out):
         store[name] = out
     return hook
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    if torch.is_tensor(out):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _tensors(v)]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensors(v)]
-    return []
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -9,7 +9,6 @@ from torch import nn
 from .trace_ops import Dims, OpContext
 
 
-
 def linear(ctx: OpContext, x: Dims | None, w: Dims | None, b: Dims | None) -> None:
     out = ctx.out
     if not (isinstance(out, Dims) and x and w and len(w) == 2 and len(x) == len(out)):

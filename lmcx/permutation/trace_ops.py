@@ -25,15 +25,19 @@ class Dims(tuple):
     """The axis-group elements of one tensor, one per axis."""
 
 
-def dims_in(value: Any) -> list[Dims]:
-    """Every Dims inside a (nested) argument structure."""
-    if isinstance(value, Dims):
+def leaves(value: Any, kind: type) -> list:
+    """Every `kind` inside a structure of lists, tuples and dicts (a forward's arguments or outputs)."""
+    if isinstance(value, kind):
         return [value]
     if isinstance(value, (list, tuple)):
-        return [d for v in value for d in dims_in(v)]
+        return [x for v in value for x in leaves(v, kind)]
     if isinstance(value, dict):
-        return [d for v in value.values() for d in dims_in(v)]
+        return [x for v in value.values() for x in leaves(v, kind)]
     return []
+
+
+def dims_in(value: Any) -> list[Dims]:
+    return leaves(value, Dims)
 
 
 class OpContext:
@@ -184,9 +188,9 @@ def reshape(ctx: OpContext) -> None:
         ctx.free(*d)
     a = [e for e in x if ctx.size(e) != 1]
     b = [e for e in out if ctx.size(e) != 1]
-    ctx.free(*[e for e in x + out if ctx.size(e) == 1])
-    if math.prod(ctx.size(e) for e in a) != math.prod(ctx.size(e) for e in b):
+    if 0 in map(ctx.size, a) or math.prod(map(ctx.size, a)) != math.prod(map(ctx.size, b)):
         return
+    ctx.free(*[e for e in x + out if ctx.size(e) == 1])
     i = j = 0
     while i < len(a) and j < len(b):
         run_a, run_b = [a[i]], [b[j]]
