@@ -12,18 +12,19 @@ import pickle
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .config import DataConfig, ModelConfig, from_dict
+from .config import DataConfig, ModelConfig, from_dict, validate
 from .errors import LmcxError
-from .io import atomic_path
+from .io import atomic_path, loads_json, shorten
 
 MODEL_FILE = "model.safetensors"
 PERMUTED_FILE = "permuted.safetensors"  # B permuted into A's frame, written by `lmcx match`
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -57,10 +58,29 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], header: di
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """The tensors of a safetensors file and its `lmcx` metadata (None when absent). Raises SafetensorError,
     OSError or ValueError for an unreadable file: callers say what the file should have been."""
-    tensors = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         header = (f.metadata() or {}).get("lmcx")
-    return tensors, (json.loads(header) if header is not None else None)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, (loads_json(header) if header is not None else None)
+
+
+def check_weights(state: Mapping[str, Any], source: str | Path, names: Iterable[str] | None = None) -> None:
+    """Refuse weights that cannot give a meaningful result: a NaN or Inf anywhere (0·NaN is NaN, so one bad
+    model poisons every interpolation), or integer / boolean parameters (which weight matching would skip,
+    returning the identity). Checks `names` (those present), else every entry but BatchNorm's
+    `num_batches_tracked`, an integer counter by design."""
+    for name in (n for n in names if n in state) if names is not None else state:
+        t = state[name]
+        if names is None and name.endswith("num_batches_tracked"):
+            continue
+        if not (torch.is_tensor(t) and t.dtype in FLOAT_DTYPES):
+            what = t.dtype if torch.is_tensor(t) else type(t).__name__
+            raise LmcxError(f"{source}: tensor {shorten(name)} is {what}, not floating-point weights; use a "
+                            "checkpoint written by `lmcx train` or `lmcx match`")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise LmcxError(f"{source}: tensor {shorten(name)} holds {bad} NaN or infinite value(s) of {t.numel()}; "
+                            "the model diverged or the file is corrupt: retrain it or use another checkpoint")
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
@@ -88,25 +108,68 @@ def resolve_model_path(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
+    """A checkpoint whose header and weights have been checked: the header is data from a file, so every
+    value is range-checked before anything is built from it, and it never starts a download."""
     path = resolve_model_path(path)
     if not path.exists():
         raise LmcxError(f"checkpoint {path} does not exist; pass a model.safetensors file or a run directory")
     try:
         state, header = read_tensors(path)
     except (SafetensorError, OSError, UnicodeDecodeError) as e:
-        raise LmcxError(f"{path} is not a readable safetensors checkpoint ({e}); it may be truncated or "
-                        "corrupt: re-create it") from None
+        raise LmcxError(f"{path} is not a readable safetensors checkpoint ({shorten(str(e))}); it may be truncated "
+                        "or corrupt: re-create it") from None
     except ValueError as e:  # the metadata is not JSON
         raise LmcxError(f"{path} has unreadable lmcx metadata ({e}); re-create the checkpoint") from None
     if header is None:
         raise LmcxError(f"{path} has no lmcx metadata; use a checkpoint written by `lmcx train` or `lmcx match`")
     try:
-        model = from_dict(ModelConfig, header["model"], "model")
-        data = from_dict(DataConfig, header["data"], "data")
-        return Checkpoint(model, data, tuple(header["in_shape"]), int(header["num_classes"]), state,
-                          header.get("info", {}), path)
+        ckpt = _from_header(header, state, path)
     except (LmcxError, KeyError, TypeError, ValueError) as e:
-        raise LmcxError(f"{path} has unreadable lmcx metadata ({e}); re-create the checkpoint") from None
+        raise LmcxError(f"{path} has unreadable lmcx metadata ({shorten(str(e), 300)}); re-create the "
+                        "checkpoint") from None
+    check_weights(state, path)
+    return ckpt
+
+
+def _from_header(header: Any, state: dict[str, torch.Tensor], path: Path) -> Checkpoint:
+    from .data import check_synthetic_size, dataset_shape
+    from .models import check_model_size
+
+    if not isinstance(header, dict) or not all(isinstance(header.get(k), dict) for k in ("model", "data")):
+        raise ValueError("expected a mapping with model and data settings")
+    model = from_dict(ModelConfig, header["model"], "model")
+    data = from_dict(DataConfig, header["data"], "data")
+    validate(model, "model.")
+    validate(data, "data.")
+    data.download = False  # a file may not make lmcx fetch anything: datasets come from --data-root
+    in_shape, num_classes, info = header["in_shape"], header["num_classes"], header.get("info", {})
+    if not (isinstance(in_shape, list) and len(in_shape) == 3 and all(_is_int(s) for s in in_shape)):
+        raise ValueError(f"in_shape must be [channels, height, width], got {shorten(in_shape)}")
+    if not _is_int(num_classes):
+        raise ValueError(f"num_classes must be an integer, got {shorten(num_classes)}")
+    if not isinstance(info, dict):
+        raise ValueError(f"info must be a mapping, got {shorten(info)}")
+    check_model_size(model, tuple(in_shape), num_classes)
+    if data.name == "synthetic":
+        check_synthetic_size(data.synthetic, "data.synthetic")
+    expected = dataset_shape(data)
+    if expected is not None and expected != (tuple(in_shape), num_classes):
+        raise ValueError(f"in_shape {in_shape} and num_classes {num_classes} do not fit {data.name} "
+                         f"({list(expected[0])}, {expected[1]} classes)")
+    return Checkpoint(model, data, tuple(in_shape), num_classes, state, info, path)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_dataset_fits(ckpt: Checkpoint, in_shape: tuple[int, ...], num_classes: int) -> None:
+    """The dataset a checkpoint is evaluated on has the images and classes it was built for (a folder of
+    images may have changed since training)."""
+    if (tuple(in_shape), num_classes) != (ckpt.in_shape, ckpt.num_classes):
+        raise LmcxError(f"{ckpt.label} was trained on images {list(ckpt.in_shape)} with {ckpt.num_classes} classes, "
+                        f"but {ckpt.data.name} now has {list(in_shape)} and {num_classes}; use the data it was "
+                        "trained on")
 
 
 def check_compatible(a: Checkpoint, b: Checkpoint) -> None:
@@ -149,8 +212,8 @@ def load_train_state(path: str | Path) -> dict[str, Any]:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise LmcxError(f"cannot resume from {path}: refused to load it (it holds objects other than tensors and "
-                        "plain values, which could run code, or it is corrupt); delete it and re-run without "
-                        "--resume") from None
+                        "plain values, which could run code, or it is corrupt); pass --force to start "
+                        "over") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise LmcxError(f"cannot resume from {path}: {str(e).splitlines()[0]}; delete it and re-run without "
-                        "--resume") from None
+        raise LmcxError(f"cannot resume from {path}: {str(e).splitlines()[0]}; pass --force to start "
+                        "over") from None

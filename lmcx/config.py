@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import LmcxError
+from .io import MAX_DEPTH, MAX_YAML_BYTES, load_yaml, read_bounded, shorten
 from .validation import (ANALYSES, check_data, check_experiment, check_interpolate, check_lewc, check_match,
                          check_model, check_ste, check_svd, check_synthetic, check_train, check_train_job)
 
@@ -290,12 +291,14 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def parse_override(text: str) -> dict[str, Any]:
     """`a.b=value` -> {"a": {"b": value}}, with the value parsed as YAML (so 3, 1e-3, true, [1,2])."""
     if "=" not in text:
-        raise LmcxError(f"--set {text!r}: expected KEY=VALUE, for example --set train.lr=0.1")
+        raise LmcxError(f"--set {shorten(text)}: expected KEY=VALUE, for example --set train.lr=0.1")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
-        raise LmcxError(f"--set {text!r}: the key must be dotted names, for example train.lr")
+        raise LmcxError(f"--set {shorten(text)}: the key must be dotted names, for example train.lr")
+    if key.count(".") >= MAX_DEPTH:
+        raise LmcxError(f"--set {shorten(key)}: more than {MAX_DEPTH} levels; lmcx settings nest a few levels")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"--set {shorten(key)}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return nested(key, value)
@@ -311,7 +314,7 @@ def nested(key: str, value: Any) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_bounded(path, MAX_YAML_BYTES, "config")
     except FileNotFoundError:
         raise LmcxError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -319,7 +322,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise LmcxError(f"cannot read config {path}: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, f"config {path}")  # no duplicate keys; bounded nesting and alias expansion
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

@@ -7,6 +7,7 @@ split of the training set (the same for every training seed) is reserved for tem
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -15,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DataConfig, cache_dir, data_root
+from .config import DataConfig, SyntheticConfig, cache_dir, data_root
 from .errors import LmcxError
-from .io import atomic_path
+from .io import atomic_path, shorten
 
 CALIBRATION_SPLIT_SEED = 20240204  # fixed: every model of an experiment shares one calibration split
 
@@ -82,9 +83,26 @@ def _load_digits(cfg: DataConfig, root: Path) -> Arrays:
     return Arrays(x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]], 10)
 
 
+SYNTHETIC_MAX_VALUES = 10 ** 8  # pixels of all images (and prototypes): 0.8 GB of float64 while sampling
+
+
+def check_synthetic_size(s: SyntheticConfig, source: str) -> None:
+    """Refuse a synthetic dataset too large to generate (from a config or a checkpoint header), before any
+    allocation, naming the setting."""
+    if not (len(s.shape) == 3 and all(isinstance(d, int) and 0 < d <= 4096 for d in s.shape)):
+        raise LmcxError(f"{source}.shape: must be [channels, height, width], each in [1, 4096], got "
+                        f"{shorten(s.shape)}")
+    pixels = math.prod(s.shape)
+    for key, images in (("train_size + test_size", s.train_size + s.test_size), ("num_classes", s.num_classes)):
+        if images * pixels > SYNTHETIC_MAX_VALUES:
+            raise LmcxError(f"{source}.{key}: {images} images of shape {s.shape} are more than the "
+                            f"{SYNTHETIC_MAX_VALUES:.0e} pixels a synthetic dataset may have; lower it")
+
+
 def _load_synthetic(cfg: DataConfig, root: Path) -> Arrays:
     """Class-conditional Gaussian blobs around random prototype images: learnable, tiny, seeded."""
     s = cfg.synthetic
+    check_synthetic_size(s, "data.synthetic")
     rng = np.random.default_rng(s.seed)
     prototypes = rng.uniform(40, 215, size=(s.num_classes, *s.shape))
 
@@ -170,6 +188,9 @@ DATASETS: dict[str, Callable[[DataConfig, Path], Arrays]] = {
     "cifar100": _torchvision_loader("CIFAR100", 100),
     "imagefolder": _load_imagefolder,
 }
+# (input shape, classes) of each dataset that has one: a checkpoint header claiming another does not fit.
+SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10),
+          "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
 GENERATED = ("digits", "synthetic")  # cheap to make: not cached on disk
 CACHE_FORMAT = 2  # bump when a loader's output changes, so stale caches are not reused (2: shuffled imagefolder)
 
@@ -183,6 +204,13 @@ def _cache_file(cfg: DataConfig, root: Path) -> Path:
         source += ":" + str(root.resolve())
     key = hashlib.sha1(f"{source}:v{CACHE_FORMAT}".encode()).hexdigest()[:16]
     return cache_dir() / "datasets" / f"{cfg.name}-{key}.npz"
+
+
+def dataset_shape(cfg: DataConfig) -> tuple[tuple[int, ...], int] | None:
+    """(input shape, classes) of the dataset `cfg` names, known without loading it (None for imagefolder)."""
+    if cfg.name == "synthetic":
+        return tuple(cfg.synthetic.shape), cfg.synthetic.num_classes
+    return SHAPES.get(cfg.name)
 
 
 def load_arrays(cfg: DataConfig) -> Arrays:

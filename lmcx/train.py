@@ -7,7 +7,8 @@
   config.yaml        the resolved settings
   metrics.json       final metrics, written last: the run is complete only when it exists
   train_state.pt     model + optimiser + scheduler + history after the last finished epoch (for
-                     --resume); removed once the run is complete
+                     resuming, the default when an interrupted run is re-run); removed once the run
+                     is complete
 
 The data order and augmentation of epoch e depend only on (seed, e), so resuming from the state
 after epoch e reproduces an uninterrupted run bit for bit on CPU. The training step never
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, progress, threads
-from .checkpoint import MODEL_FILE, Checkpoint, load_train_state, save_checkpoint, save_train_state
+from .checkpoint import MODEL_FILE, Checkpoint, check_weights, load_train_state, save_checkpoint, save_train_state
 from .config import TrainConfig, TrainJob, to_dict
 from .console import console
 from .data import Dataset, epoch_generator, eval_batches, load_dataset, train_batches
@@ -211,7 +212,8 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
                 raise ValueError(f"epoch {start_epoch!r} of {cfg.epochs} with {len(history)} history rows")
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise LmcxError(f"cannot resume from {state_path}: it does not fit this run ({str(e).splitlines()[0]}); "
-                            "delete it and re-run without --resume") from None
+                            "pass --force to start over") from None
+        check_weights(model.state_dict(), state_path)  # a state holding NaN must not become a finished model
         if dist.is_main:
             console.print(f"resuming {run_dir} after epoch {start_epoch}/{cfg.epochs}")
 
@@ -298,13 +300,16 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
     return metrics
 
 
-def train_run(job: TrainJob, run_dir: str | Path, *, force: bool = False, resume: bool = False,
+def train_run(job: TrainJob, run_dir: str | Path, *, force: bool = False,
               wait: bool = False) -> tuple[str, dict[str, Any]]:
     """Train into `run_dir` unless it is complete (see rundir.run_once): ("done" | "skipped" | "busy", metrics);
-    ("worker", {}) on ranks other than 0.
+    ("worker", {}) on ranks other than 0. An interrupted run resumes from its last finished epoch when its
+    recorded settings match (else it is refused: finished epochs are never silently discarded); `force`
+    starts over.
 
     Under torchrun, rank 0 alone owns the run directory and tells the other ranks whether to train.
     """
+    resume = not force
     from .rundir import run_once
 
     dist = Distributed.from_env()
@@ -325,8 +330,7 @@ def train_run(job: TrainJob, run_dir: str | Path, *, force: bool = False, resume
             train(job, run_dir, resume)
         return "worker", metrics
     try:
-        status = run_once(run_dir, to_dict(job), RUN_OUTPUTS, step, force=force, wait=wait,
-                          keep=(STATE_FILE,) if resume else ())
+        status = run_once(run_dir, to_dict(job), RUN_OUTPUTS, step, force=force, wait=wait, keep=(STATE_FILE,))
     except LmcxError:
         tell_ranks("failed")
         raise

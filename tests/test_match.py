@@ -172,7 +172,7 @@ def _untrained(path, arch="mlp", width=0.25, norm="none", data=None, shape=(1, 8
     (lambda p: _untrained(p, arch="resnet20"), ["differ in architecture"]),
     (lambda p: _untrained(p, width=0.5), ["differ in width"]),
     (lambda p: _untrained(p, norm="bn"), ["differ in norm"]),
-    (lambda p: _untrained(p, data=DataConfig(name="digits")), ["differ in dataset"]),
+    (lambda p: _untrained(p, data=DataConfig(name="digits"), classes=10), ["differ in dataset"]),
     (lambda p: (p.write_bytes(b"\x00not a model" * 8), p)[1], ["not a readable safetensors checkpoint"]),
     (lambda p: (save_file({"w": torch.zeros(2)}, str(p)), p)[1], ["no lmcx metadata"]),
     (lambda p: p.parent / "missing.safetensors", ["does not exist"]),

@@ -94,13 +94,17 @@ def pair_tag(a: Path, b: Path) -> str:
 
 
 def step_ran(run_dir: Path, status: str) -> bool:
-    """Say why a step did not run (rundir.run_once's "skipped" / "busy"); True when it ran."""
+    """Say why a step did not run (rundir.run_once's "skipped" / "busy"); True when it ran. A busy directory
+    ends the command with BUSY_EXIT_CODE: its outputs are not there yet, so what follows must not go on."""
     from ..console import console
+    from ..errors import BUSY_EXIT_CODE
 
     if status == "skipped":
         console.print(f"{run_dir}: already complete (use --force to redo)", markup=False)
     elif status == "busy":
-        console.print(f"{run_dir}: another process is working on it; skipped", markup=False)
+        console.print(f"{run_dir}: another process is working on it; skipped (exit code {BUSY_EXIT_CODE})",
+                      markup=False)
+        raise typer.Exit(BUSY_EXIT_CODE)
     return status == "done"
 
 

@@ -18,7 +18,7 @@ def evaluate(
     data_root: DataRootOption = None,
 ) -> None:
     """Print a checkpoint's loss and accuracy as JSON. Example: lmcx evaluate outputs/train/digits-mlp-none-w1-s0"""
-    from ..checkpoint import build_from_checkpoint, load_checkpoint
+    from ..checkpoint import build_from_checkpoint, check_dataset_fits, load_checkpoint
     from ..data import load_dataset
     from ..errors import LmcxError
     from ..io import _json_safe
@@ -31,6 +31,7 @@ def evaluate(
         ckpt.data.root = str(data_root)
     dev = resolve_device(device or "auto")
     ds = load_dataset(ckpt.data, dev)
+    check_dataset_fits(ckpt, ds.in_shape, ds.num_classes)
     result = evaluate_model(build_from_checkpoint(ckpt, dev), ds, split)
     # strict JSON: a non-finite loss (a diverged model) is printed as null, not NaN
     typer.echo(json.dumps(_json_safe({"model": str(ckpt.path), "split": split, **result}), allow_nan=False))

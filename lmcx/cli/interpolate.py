@@ -13,19 +13,18 @@ from .app import (ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOp
 def _default_label(b: Path, perm: str | None) -> str:
     """naive for a B used as trained; else the matching method recorded in the permutation file or the
     permuted checkpoint (lmcx match), else `permuted`."""
-    import json
-
     from ..checkpoint import resolve_model_path
+    from ..io import loads_json, read_json
 
     info: dict = {}
     try:
         if perm is not None:
-            info = json.loads(Path(perm).read_text()).get("info") or {}
+            info = read_json(perm).get("info") or {}
         else:
             from safetensors import safe_open
 
             with safe_open(str(resolve_model_path(b)), "pt") as f:
-                info = json.loads((f.metadata() or {}).get("lmcx", "{}")).get("info") or {}
+                info = loads_json((f.metadata() or {}).get("lmcx", "{}")).get("info") or {}
     except Exception:  # noqa: BLE001 - only a default name; the real loading reports unreadable files
         info = {}
     method = info.get("method") if isinstance(info, dict) else None

@@ -23,20 +23,27 @@ def train(
     out: OutOption = None,
     set_: SetOption = None,
     force: ForceOption = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last epoch.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help=(
+        "Continue an interrupted run from its last epoch: the default whenever its settings match "
+        "(kept for scripts); --force starts over instead."))] = False,
 ) -> None:
     """Train a model. Writes model.safetensors, meta.json, history.csv, config.yaml, metrics.json.
 
+    Re-running a finished run skips it; an interrupted one resumes after its last finished epoch.
     Example: lmcx train -c configs/digits_mlp.yaml --width 2 --seed 1
     """
     from ..config import TrainJob, load_config
     from ..console import console
+    from ..errors import LmcxError
     from ..train import default_run_dir, train_run
+
+    if force and resume:
+        raise LmcxError("--force starts the run over and --resume continues it; pass one of them")
 
     job = load_config(TrainJob, config, overrides(
         {"model.width": width, "seed": seed, "model.arch": arch, "data.name": dataset, "train.epochs": epochs,
          "device": device, "data.root": data_root, "out": out}, set_))
     run_dir = Path(job.out) if job.out else default_run_dir(job)
-    result, metrics = train_run(job, run_dir, force=force, resume=resume)
+    result, metrics = train_run(job, run_dir, force=force)
     if result != "worker" and step_ran(run_dir, result):
         console.print(f"{run_dir}: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}")

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Callable, Iterator, Mapping
 
+import torch
 from torch import nn
 
 from ..config import ModelConfig
@@ -26,6 +27,12 @@ from . import mlp, resnet, vgg
 
 # vgg.py serves both VGG depths; it reads cfg.arch to pick the layout.
 ARCHITECTURES: dict[str, ModuleType] = {"mlp": mlp, "vgg11": vgg, "vgg16": vgg, "resnet20": resnet}
+# Bounds of what lmcx builds (far beyond the papers' widths 1-16 and CIFAR-100's 100 classes): a value
+# beyond them is a typo or a hostile checkpoint header, refused before any memory is allocated.
+MAX_WIDTH = 1024
+MAX_INPUT_SHAPE = (64, 4096, 4096)  # channels, height, width
+MAX_CLASSES = 100_000
+MAX_PARAMETERS = 2 ** 32  # 16 GiB of float32 weights
 
 
 def _architecture(cfg: ModelConfig) -> ModuleType:
@@ -38,13 +45,29 @@ def _architecture(cfg: ModelConfig) -> ModuleType:
     return ARCHITECTURES[cfg.arch]
 
 
-def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+def check_model_size(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> None:
+    """Range-check what decides a model's size (from a config, a flag or a checkpoint header) before
+    anything is allocated: the parameters are counted on the `meta` device, which allocates nothing."""
     arch = _architecture(cfg)
-    if len(in_shape) != 3 or any(int(s) <= 0 for s in in_shape):
-        raise LmcxError(f"input shape must be [channels, height, width], all > 0, got {list(in_shape)}")
-    if num_classes < 1:
-        raise LmcxError(f"the number of classes must be >= 1, got {num_classes}")
-    return arch.build_model(cfg, tuple(int(s) for s in in_shape), int(num_classes))
+    if not cfg.width <= MAX_WIDTH:
+        raise LmcxError(f"model.width: {cfg.width:g} is more than {MAX_WIDTH}; lower it")
+    if len(in_shape) != 3 or not all(1 <= int(s) <= limit for s, limit in zip(in_shape, MAX_INPUT_SHAPE)):
+        raise LmcxError(f"input shape must be [channels, height, width], each in [1, {list(MAX_INPUT_SHAPE)}], "
+                        f"got {list(in_shape)[:8]}")
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise LmcxError(f"the number of classes must be in [1, {MAX_CLASSES}], got {num_classes}")
+    with torch.device("meta"):
+        count = sum(p.numel() for p in arch.build_model(cfg, tuple(in_shape), num_classes).parameters())
+    if count > MAX_PARAMETERS:
+        raise LmcxError(f"model.width={cfg.width:g} gives a {cfg.arch} of {count:.3g} parameters for input "
+                        f"{list(in_shape)} and {num_classes} classes, more than the {MAX_PARAMETERS:.3g} lmcx "
+                        "builds; lower model.width")
+
+
+def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    in_shape = tuple(int(s) for s in in_shape)
+    check_model_size(cfg, in_shape, int(num_classes))
+    return _architecture(cfg).build_model(cfg, in_shape, int(num_classes))
 
 
 def permutation_spec(cfg: ModelConfig) -> PermutationSpec:

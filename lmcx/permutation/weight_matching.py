@@ -205,6 +205,9 @@ def weight_matching(
     """
     from scipy.optimize import linear_sum_assignment  # here, not at import: keeps `import lmcx.permutation` light
 
+    from ..checkpoint import check_weights  # NaN or integer weights would silently give NaN costs or the identity
+
+    check_weights(params_a, "model A", spec.axes_to_perm), check_weights(params_b, "model B", spec.axes_to_perm)
     t_start = time.perf_counter()
     if max_iter < 0:
         raise LmcxError(f"max_iter must be >= 0, got {max_iter}")
