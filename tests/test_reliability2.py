@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -48,11 +47,26 @@ def rewrite(path: Path, out: Path, tensors=None, header=None, raw_header: str | 
     return out
 
 
+def _interrupt_at_second_state(monkeypatch):
+    """Ctrl-C while the training state of epoch 2 is being saved (epoch 1's is kept); returns `restore`."""
+    import lmcx.checkpoint as checkpoint
+
+    calls, real_save = [], checkpoint.torch.save
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    return lambda: monkeypatch.setattr(checkpoint.torch, "save", real_save)
+
+
 def one_error_line(result) -> str:
-    assert result.code == 2 and "Traceback" not in result.err, (result.code, result.err[-3000:])
-    lines = [line for line in result.err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.err[-3000:]
-    return lines[0]
+    """conftest's assert_clean_error (one `error:` line, exit 2, no traceback), returning that line."""
+    assert_clean_error(result)
+    return result.err.strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,19 +199,10 @@ def test_weight_matching_refuses_such_state_dicts(models, tmp_path, kind):
 
 
 def test_resuming_from_a_state_with_nan_weights_is_refused(tmp_path, synthetic_config, cli, monkeypatch):
-    import lmcx.checkpoint as checkpoint
-
-    run, calls, real_save = tmp_path / "run", [], checkpoint.torch.save
-
-    def interrupt_second_save(obj, f, *args, **kwargs):
-        calls.append(f)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint.torch, "save", interrupt_second_save)
+    run = tmp_path / "run"
+    restore = _interrupt_at_second_state(monkeypatch)
     assert cli("train", "-c", synthetic_config, "--out", run).code == 130
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    restore()
     state = torch.load(run / "train_state.pt", weights_only=True)
     next(iter(state["model"].values())).fill_(float("nan"))
     torch.save(state, run / "train_state.pt")
@@ -271,6 +276,7 @@ def _edit(header: dict, path: str, value) -> dict:
     ("data.synthetic.train_size", 10 ** 11, "data.synthetic"),
     ("data.synthetic.num_classes", 10 ** 12, "data.synthetic"),
     ("data.synthetic.shape", [1, 10 ** 5, 10 ** 5], "data.synthetic.shape"),
+    ("data.name", "digits", "do not fit digits"),  # 4 classes where digits has 10
     ("info", [1], "info"),
     ("model", [1], "model and data"),
 ])
@@ -348,3 +354,267 @@ def test_fuzzed_checkpoint_headers_never_give_a_traceback(tmp_path_factory, mode
         assert json.loads(result.out)["accuracy"] >= 0 and raw is None
     else:
         one_error_line(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. Permutation files, fuzzed: accepted only when they are exactly a permutation of the model's units
+
+
+def _perm_target(models: Path):
+    from lmcx.checkpoint import load_checkpoint
+    from lmcx.models import permutation_spec
+
+    b = load_checkpoint(models / "s1")
+    return permutation_spec(b.model), b.state
+
+
+def _perm_edit(doc, path: list, value):
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_permutation_files_are_accepted_only_when_exact(tmp_path_factory, models, data):
+    from lmcx.permutation.spec import check_permutation, load_permutation_file
+
+    spec, params = _perm_target(models)
+    doc = json.loads((models / "match" / "permutation.json").read_text())
+    names = sorted(doc["permutations"])
+    for _ in range(data.draw(st.integers(1, 3))):
+        name = data.draw(st.sampled_from(names))
+        place = data.draw(st.sampled_from([["format"], ["info"], ["permutations"], ["permutations", name],
+                                           ["permutations", name, 0], ["permutations", "extra"], ["extra"]]))
+        try:
+            _perm_edit(doc, place, data.draw(JSONISH | st.permutations(range(len(doc["permutations"][name])))))
+        except (KeyError, TypeError, IndexError):
+            pass
+    text = json.dumps(doc)
+    if data.draw(st.booleans()):  # a key given twice, the second with another value
+        text = text.replace('"permutations": {', '"permutations": {"%s": [0], ' % name, 1)
+    path = tmp_path_factory.mktemp("p") / "perm.json"
+    path.write_text(text)
+    try:
+        perm = load_permutation_file(path, spec, params)
+    except LmcxError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+        return
+    parsed = json.loads(text, object_pairs_hook=lambda pairs: (len(pairs) == len(dict(pairs))) and dict(pairs))
+    assert parsed, "a file with a duplicate key was accepted"
+    assert set(perm) == set(spec.names) == set(parsed["permutations"])
+    check_permutation(spec, perm, params)
+    assert all(perm[k].tolist() == parsed["permutations"][k] for k in perm)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(edit=st.sampled_from(["truncate", "dup", "float", "shuffle", "short", "nested"]),
+       cut=st.integers(0, 400))
+def test_fuzzed_permutation_files_through_the_cli(tmp_path_factory, models, cli, edit, cut):
+    text = (models / "match" / "permutation.json").read_text()
+    doc = json.loads(text)
+    name = sorted(doc["permutations"])[0]
+    units = doc["permutations"][name]
+    if edit == "truncate":
+        text = text[:cut]
+    elif edit == "dup":
+        text = text.replace('"permutations": {', f'"permutations": {{"{name}": {json.dumps(units)}, ', 1)
+    elif edit in ("float", "shuffle", "short", "nested"):
+        doc["permutations"][name] = {"float": [u + 0.5 for u in units], "shuffle": units[1:] + units[:1],
+                                     "short": units[:-1], "nested": [units]}[edit]
+        text = json.dumps(doc)
+    tmp = tmp_path_factory.mktemp("c")
+    (tmp / "perm.json").write_text(text)
+    result = cli("analyze-svd", "--a", models / "s0", "--b", models / "s1", "--perm", tmp / "perm.json",
+                 "--out", tmp / "svd")
+    assert "Traceback" not in result.err
+    if edit == "shuffle":  # another valid permutation: a result about that permutation
+        assert result.code == 0, result.err
+    else:
+        one_error_line(result)
+        assert not (tmp / "svd" / "svd.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Hostile YAML: size, nesting, alias bombs, self-reference; nothing echoed at length
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (BOMB + "train: {lr: *i}\n", "expands to more than"),
+    ("train: {lr: [&x [1, 2, 3], " + ", ".join(["*x"] * 2000) + "]}\n", "train.lr"),  # reaches the type check
+    ("train: {lr: &r [*r]}\n", "contains itself"),
+    ("model: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than"),
+    ("model:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 200)), "nested more than"),
+    ("# padding\n" * 200_000, "larger than"),
+])
+def test_hostile_yaml_configs_fail_fast_with_a_short_line(tmp_path, cli, text, fragment):
+    config = tmp_path / "hostile.yaml"
+    config.write_text(text)
+    started = time.perf_counter()
+    line = one_error_line(cli("train", "-c", config, "--out", tmp_path / "run"))
+    assert fragment in line and len(line) <= 1100, line[:300]
+    assert time.perf_counter() - started < 30
+
+
+def test_hostile_set_values_and_endless_files(tmp_path, cli, synthetic_config):
+    deep = "[" * 5000 + "]" * 5000
+    for args, fragment in [(["--set", f"train.lr={deep}"], "nested more than"),
+                           (["--set", "a" + ".a" * 5000 + "=1"], "levels"),
+                           (["--set", "train.lr=" + "{a: " * 3000 + "1" + "}" * 3000], "nested more than"),
+                           (["--set", "train.lr=&r [*r]"], "contains itself")]:
+        line = one_error_line(cli("train", "-c", synthetic_config, *args, "--out", tmp_path / "run"))
+        assert fragment in line and len(line) <= 1100, line[:300]
+    assert "larger than" in one_error_line(cli("train", "-c", "/dev/zero", "--out", tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Processes and directories
+
+
+def test_force_redoes_a_step_whose_settings_changed(tmp_path, synthetic_config, cli):
+    run = tmp_path / "run"
+    assert cli("train", "-c", synthetic_config, "--out", run).code == 0
+    assert "other settings" in one_error_line(cli("train", "-c", synthetic_config, "--out", run, "--epochs", "2"))
+    assert cli("train", "-c", synthetic_config, "--out", run, "--epochs", "2", "--force").code == 0
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+    assert "pass one of them" in one_error_line(cli("train", "-c", synthetic_config, "--out", run, "--force",
+                                                    "--resume"))
+
+
+def test_lmcx_run_force_after_a_changed_train_config(tmp_path, cli):
+    out = tmp_path / "out"
+    assert cli("run", write_yaml(tmp_path / "a.yaml", TINY_EXPERIMENT), "--out", out).code == 0
+    changed = write_yaml(tmp_path / "b.yaml", TINY_EXPERIMENT.replace("epochs: 3", "epochs: 2"))
+    assert "--force" in one_error_line(cli("run", changed, "--out", out))
+    result = cli("run", changed, "--out", out, "--force")
+    assert result.code == 0, result.err
+    assert json.loads((out / "train" / "w0.125-s0" / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_an_experiment_given_with_an_absolute_out_matches_its_finished_steps(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exp = write_yaml(tmp_path / "exp.yaml", TINY_EXPERIMENT)
+    assert cli("run", exp, "--out", "rel").code == 0
+    again = cli("run", exp, "--out", tmp_path / "rel")
+    assert again.code == 0, again.err
+    assert ": done" not in again.err and "interpolate w0.125-s0-s1: skipped" in again.err
+
+
+def test_an_interrupted_train_resumes_without_resume_and_refuses_other_settings(tmp_path, models, synthetic_config,
+                                                                                  cli, monkeypatch):
+    run = tmp_path / "run"
+    restore = _interrupt_at_second_state(monkeypatch)
+    assert cli("train", "-c", synthetic_config, "--out", run).code == 130
+    restore()
+    line = one_error_line(cli("train", "-c", synthetic_config, "--out", run, "--set", "train.lr=0.001"))
+    assert "other settings" in line and "train.lr" in line and "--force" in line
+    assert torch.load(run / "train_state.pt", weights_only=True)["epoch"] == 1  # the finished epoch is kept
+    result = cli("train", "-c", synthetic_config, "--out", run)
+    assert result.code == 0 and "resuming" in result.err and "after epoch 1/3" in result.err
+    assert same_weights(run / "model.safetensors", models / "s0" / "model.safetensors")
+
+
+STOPPED_HOLDER = ("import sys; from lmcx.rundir import claim\n"
+                  "with claim(sys.argv[1]) as ok:\n    print('locked', flush=True); sys.stdin.read()\n")
+
+
+def test_a_lock_held_by_a_stopped_process_is_named_and_given_up_on(tmp_path, cli, monkeypatch):
+    out = tmp_path / "out"
+    held = out / "train" / "w0.125-s0"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", STOPPED_HOLDER, str(held)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        os.kill(holder.pid, signal.SIGSTOP)
+        monkeypatch.setenv("LMCX_LOCK_TIMEOUT", "1")
+        started = time.perf_counter()
+        result = cli("run", write_yaml(tmp_path / "exp.yaml", TINY_EXPERIMENT), "--out", out)
+        assert time.perf_counter() - started < 120
+        assert result.code == 1 and "Traceback" not in result.err
+        assert f"waiting for process {holder.pid} (stopped" in result.err
+        steps = json.loads((out / "steps.json").read_text())
+        reason = steps["train w0.125-s0"]["reason"]
+        assert steps["train w0.125-s0"]["status"] == "failed" and "gave up after 1 s" in reason
+        assert f"process {holder.pid}" in reason and "LMCX_LOCK_TIMEOUT" in reason
+        assert steps["train w0.125-s1"]["status"] == "done"
+        monkeypatch.setenv("LMCX_LOCK_TIMEOUT", "soon")
+        assert "LMCX_LOCK_TIMEOUT" in one_error_line(cli("run", tmp_path / "exp.yaml", "--out", out))
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+
+
+def test_busy_exits_with_its_own_code_so_that_and_chains_stop(tmp_path, models, synthetic_config):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    holder = subprocess.Popen([sys.executable, "-c", STOPPED_HOLDER, str(run)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        lmcx = f"{sys.executable} -m lmcx"
+        chain = subprocess.run(f"{lmcx} train -c {synthetic_config} --out {run} && "
+                               f"{lmcx} evaluate {run} && echo evaluated", shell=True, env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert chain.returncode == BUSY_EXIT_CODE and "evaluated" not in chain.stdout
+        assert "another process is working on it" in chain.stderr and "Traceback" not in chain.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_sigterm_is_like_ctrl_c(tmp_path, synthetic_config):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "lmcx", "train", "-c", str(synthetic_config), "--epochs", "200", "--out", str(run)]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "train_state.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == TERMINATED_EXIT_CODE, err
+    assert err.strip().splitlines()[-1] == "interrupted (SIGTERM)" and "Traceback" not in err
+    assert torch.load(run / "train_state.pt", weights_only=True)["epoch"] >= 1  # finished epochs are kept
+    assert temp_files(run) == [] and not (run / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_outputs_honour_the_umask_and_leave_no_lock(tmp_path, models, synthetic_config, cli, umask, mode):
+    previous = os.umask(umask)
+    try:
+        assert cli("train", "-c", synthetic_config, "--out", tmp_path / "t").code == 0
+        assert cli("match", "--a", models / "s0", "--b", models / "s1", "--out", tmp_path / "m").code == 0
+        assert cli(*interpolate_args(models, tmp_path / "i")).code == 0
+    finally:
+        os.umask(previous)
+    for run in ("t", "m", "i"):
+        files = [p for p in (tmp_path / run).rglob("*") if p.is_file()]
+        assert files and all(p.stat().st_mode & 0o777 == mode for p in files if p.name != ".lock"), run
+        assert not (tmp_path / run / ".lock").exists(), run  # a finished step removes its lock file
+
+
+@pytest.mark.parametrize("where", ["run dir", "dangling run dir", "model file", "lock file", "output folder"])
+def test_symlinks_in_place_of_a_run_directory_or_its_files(tmp_path, models, synthetic_config, cli, where):
+    run, target = tmp_path / "run", tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("untouched")
+    if where == "run dir":
+        run.symlink_to(target)
+    elif where == "dangling run dir":
+        run.symlink_to(tmp_path / "nowhere")
+    else:
+        run.mkdir()
+        name = {"model file": "model.safetensors", "lock file": ".lock", "output folder": "b1"}[where]
+        (run / name).symlink_to(target if where == "output folder" else target / "keep.txt")
+    args = (["match", "--a", models / "s0", "--b", models / "s1", "--b", models / "s1", "--out", run]
+            if where == "output folder" else ["train", "-c", synthetic_config, "--out", run])
+    assert "symbolic link" in one_error_line(cli(*args))
+    assert (target / "keep.txt").read_text() == "untouched" and sorted(p.name for p in target.iterdir()) == ["keep.txt"]

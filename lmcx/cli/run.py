@@ -28,7 +28,9 @@ def run(
     from ..console import console
     from ..experiment import run_experiment
     from ..layout import experiment_dir
+    from ..rundir import lock_timeout
 
+    lock_timeout()  # a bad LMCX_LOCK_TIMEOUT is bad input now, not a failure of whichever step has to wait
     cfg = load_config(ExperimentConfig, experiment, overrides(
         {"out": out, "device": device, "data.root": data_root}, set_))
     results = run_experiment(cfg, dry_run=dry_run, force=force)
