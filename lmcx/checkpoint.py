@@ -69,10 +69,10 @@ def check_weights(state: Mapping[str, Any], source: str | Path, names: Iterable[
     model poisons every interpolation), or integer / boolean parameters (which weight matching would skip,
     returning the identity). Checks `names` (those present), else every entry but BatchNorm's
     `num_batches_tracked`, an integer counter by design."""
-    for name in (n for n in names if n in state) if names is not None else state:
+    if names is None:
+        names = [n for n in state if not n.endswith("num_batches_tracked")]
+    for name in [n for n in names if n in state]:
         t = state[name]
-        if names is None and name.endswith("num_batches_tracked"):
-            continue
         if not (torch.is_tensor(t) and t.dtype in FLOAT_DTYPES):
             what = t.dtype if torch.is_tensor(t) else type(t).__name__
             raise LmcxError(f"{source}: tensor {shorten(name)} is {what}, not floating-point weights; use a "

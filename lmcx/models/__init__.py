@@ -52,8 +52,8 @@ def check_model_size(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: i
     if not cfg.width <= MAX_WIDTH:
         raise LmcxError(f"model.width: {cfg.width:g} is more than {MAX_WIDTH}; lower it")
     if len(in_shape) != 3 or not all(1 <= int(s) <= limit for s, limit in zip(in_shape, MAX_INPUT_SHAPE)):
-        raise LmcxError(f"input shape must be [channels, height, width], each in [1, {list(MAX_INPUT_SHAPE)}], "
-                        f"got {list(in_shape)[:8]}")
+        raise LmcxError(f"input shape must be [channels, height, width], each >= 1 and at most "
+                        f"{list(MAX_INPUT_SHAPE)}, got {list(in_shape)[:8]}")
     if not 1 <= num_classes <= MAX_CLASSES:
         raise LmcxError(f"the number of classes must be in [1, {MAX_CLASSES}], got {num_classes}")
     with torch.device("meta"):
