@@ -40,6 +40,7 @@ def test_schedule_submits_what_is_missing_with_its_dependencies(tmp_path):
     # once the trains and the match are complete, only the analyses remain, waiting on nothing
     for step in steps[:3]:
         step.out.mkdir(parents=True)
+        write_yaml(step.out / "config.yaml", step.settings)  # complete: its settings recorded, its marker written
         (step.out / step.marker).write_text("{}")
     trains, others = schedule(steps)
     assert trains == [] and {s.label: n for s, n in others} == {
