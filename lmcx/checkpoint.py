@@ -2,8 +2,9 @@
 
 The safetensors header carries the model and dataset settings (`lmcx` metadata key), so any file
 written by `lmcx train` or `lmcx match` can be rebuilt into a model without its run directory.
-Loading never executes code from a file: safetensors holds only tensors, and the training-state
-file used for `--resume` is read with `torch.load(weights_only=True)`.
+Loading never executes code from a file: safetensors holds only tensors, the training-state file used
+for `--resume` is read with `torch.load(weights_only=True)`, and a header naming a user's model factory
+(`module:callable`) is refused unless the user trusts that module (lmcx/arch.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .arch import require_trusted
 from .config import DataConfig, ModelConfig, from_dict, validate
 from .errors import LmcxError
 from .io import atomic_path, loads_json, shorten
@@ -122,6 +124,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise LmcxError(f"{path} has unreadable lmcx metadata ({e}); re-create the checkpoint") from None
     if header is None:
         raise LmcxError(f"{path} has no lmcx metadata; use a checkpoint written by `lmcx train` or `lmcx match`")
+    model = header.get("model") if isinstance(header, dict) else None
+    if isinstance(model, dict) and isinstance(model.get("arch"), str):
+        require_trusted(model["arch"], str(path))  # a header naming `module:callable` must not make us import it
     try:
         ckpt = _from_header(header, state, path)
     except (LmcxError, KeyError, TypeError, ValueError) as e:

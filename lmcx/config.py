@@ -53,9 +53,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["mlp", "vgg11", "vgg16", "resnet20"] = "mlp"
+    # mlp | vgg11 | vgg16 | resnet20 | torchvision.<name> | package.module:callable (lmcx/arch.py)
+    arch: str = "mlp"
     width: float = 1.0  # multiplier: MLP h = 512*width, VGG/ResNet channels times width
-    norm: Literal["bn", "ln", "none"] = "bn"
+    norm: Literal["bn", "ln", "none"] = "bn"  # models from outside lmcx: the norm they have (models/external.py)
     bias: bool = True
 
 

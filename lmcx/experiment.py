@@ -42,8 +42,10 @@ class Step:
 
 def plan(cfg: ExperimentConfig) -> list[Step]:
     """Every step of the experiment, in an order that respects what each needs."""
+    from .arch import trust_named
     from .train import STATE_FILE, train
 
+    trust_named(cfg.model.arch)  # the YAML names the model: its later steps read checkpoints of it
     root = experiment_dir(cfg)
     steps: dict[str, Step] = {}
 

@@ -155,7 +155,7 @@ def match_checkpoints(a_path, b_paths: list, cfg: MatchConfig, out_dir, device: 
                       data_root=None) -> dict[str, Any]:
     """Match every model of `b_paths` to model A and write the outputs described in the module
     docstring into `out_dir`; returns what metrics.json holds."""
-    from .models import permutation_spec
+    from .models import permutation_coverage, permutation_spec
     from .permutation import l2_distance, merge_many
     from .train import resolve_device
 
@@ -175,7 +175,8 @@ def match_checkpoints(a_path, b_paths: list, cfg: MatchConfig, out_dir, device: 
     bs = [load_checkpoint(p) for p in b_paths]
     for b in bs:
         check_compatible(a, b)
-    spec = permutation_spec(a.model)
+    spec = permutation_spec(a.model, a.in_shape, a.num_classes)
+    coverage = permutation_coverage(a.model, a.in_shape, a.num_classes)
     dev = resolve_device(device)
     for ckpt in [a, *bs]:  # tensors must fit the architecture the metadata names: fail before any work
         _check_tensors(ckpt)
@@ -218,6 +219,11 @@ def match_checkpoints(a_path, b_paths: list, cfg: MatchConfig, out_dir, device: 
         "b": [str(b.path) for b in bs], "device": str(dev),
         "architecture": a.model.arch, "width": a.model.width, "norm": a.model.norm, "dataset": a.data.name,
         "settings": settings,
+        "permutation_spec": {  # traced from the model (lmcx/models/specs.py): what it permutes, what it pins and why
+            "permutations": coverage.permutations, "tensors": coverage.tensors,
+            "tensors_permuted": coverage.tensors_permuted, "axes": coverage.axes,
+            "axes_permuted": coverage.axes_permuted, "block_axes": coverage.block_axes,
+            "pinned": {reason: {"axes": len(axes), "e.g.": axes[:3]} for reason, axes in coverage.pinned.items()}},
     }
     if single:
         o = outputs[0]

@@ -161,7 +161,8 @@ def versions() -> dict[str, str]:
 
 def default_run_dir(job: TrainJob) -> Path:
     m = job.model
-    return Path("outputs") / "train" / f"{job.data.name}-{m.arch}-{m.norm}-w{m.width:g}-s{job.seed}"
+    arch = m.arch.replace(":", ".")  # a factory's module:callable, without a colon in the path
+    return Path("outputs") / "train" / f"{job.data.name}-{arch}-{m.norm}-w{m.width:g}-s{job.seed}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .arch import TORCHVISION_PREFIX, arch_kind, check_arch
 from .errors import LmcxError
 
 METHODS = ("wm", "am", "ste")  # what an experiment may list in `methods` (naive is always included)
@@ -34,8 +35,17 @@ def _require_loop(cfg: Any, p: str) -> None:
 
 
 def check_model(cfg: Any, p: str) -> None:
-    """Ranges of a ModelConfig."""
+    """Ranges of a ModelConfig (and that its architecture exists: lmcx/arch.py)."""
+    try:
+        kind = arch_kind(cfg.arch)
+        check_arch(cfg.arch)
+    except LmcxError as e:
+        raise LmcxError(f"{p}arch: {e}") from None
     _require(cfg.width > 0, f"{p}width", f"must be > 0, got {cfg.width}")
+    _require(kind != "torchvision" or cfg.width == 1, f"{p}width",
+             f"torchvision models have no width multiplier; leave it at 1, got {cfg.width:g}")
+    _require(kind == "builtin" or cfg.bias, f"{p}bias",
+             f"false applies to the built-in architectures only; {cfg.arch} has the biases it was written with")
 
 
 def check_data(cfg: Any, p: str) -> None:
@@ -129,6 +139,8 @@ def check_experiment(cfg: Any, p: str) -> None:
     for seed in cfg.seeds:
         _require_seed(seed, f"{p}seeds")
     _require(len(set(cfg.widths)) == len(cfg.widths), f"{p}widths", f"widths repeat: {cfg.widths}")
+    _require(not cfg.model.arch.startswith(TORCHVISION_PREFIX) or cfg.widths == [1], f"{p}widths",
+             f"torchvision models have no width multiplier; use widths: [1], got {cfg.widths}")
     for m in cfg.methods:
         _require(m in METHODS, f"{p}methods", f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     for a in cfg.analyses:

@@ -49,7 +49,7 @@ def _one(arch: str, norm: str, width: float, device: str, seed: int, max_iter: i
     if threads:
         torch.set_num_threads(threads)
     cfg = ModelConfig(arch=arch, width=width, norm=norm)
-    spec = permutation_spec(cfg)
+    spec = permutation_spec(cfg, IN_SHAPES[arch], 10)
     states = []
     for s in (seed, seed + 1):
         torch.manual_seed(s)
@@ -63,8 +63,9 @@ def _one(arch: str, norm: str, width: float, device: str, seed: int, max_iter: i
         small = ModelConfig(arch=arch, width=0.25, norm=norm)
         torch.manual_seed(seed)
         w0 = {k: v.detach() for k, v in build_model(small, IN_SHAPES[arch], 10).to(device).state_dict().items()}
-        weight_matching(permutation_spec(small), w0, apply_permutation(permutation_spec(small), random_permutation(
-            permutation_spec(small), w0, seed), w0), max_iter=2)
+        small_spec = permutation_spec(small, IN_SHAPES[arch], 10)
+        weight_matching(small_spec, w0, apply_permutation(small_spec, random_permutation(small_spec, w0, seed), w0),
+                        max_iter=2)
     rss_models = _peak_rss_mib()
     if device.startswith("cuda"):
         torch.cuda.synchronize()

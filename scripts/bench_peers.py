@@ -77,7 +77,7 @@ def run_lmcx(cfg, a, b, seed: int):
     from lmcx.models import permutation_spec
     from lmcx.permutation import apply_permutation, weight_matching
 
-    spec = permutation_spec(cfg)
+    spec = permutation_spec(cfg, IN_SHAPES[cfg.arch], 10)
     sa, sb = a.state_dict(), b.state_dict()
     res = weight_matching(spec, sa, sb, seed=seed)
     permuted = copy.deepcopy(b)

@@ -30,7 +30,7 @@ def _model(arch, width, norm, shape, seed=0):
 
 
 def _permuted_copy(cfg, model, seed=1):
-    spec = permutation_spec(cfg)
+    spec = permutation_spec(cfg, tuple(model_in_shape[cfg.arch]), 4)
     state = model.state_dict()
     pi = random_permutation(spec, state, seed)
     other = build_model(cfg, tuple(model_in_shape[cfg.arch]), 4)
@@ -72,7 +72,7 @@ def test_one_pass_float64_correlations_match_direct_computation():
     shape = (3, 8, 8)
     cfg, a = _model("resnet20", 0.5, "bn", shape, seed=0)
     _, b = _model("resnet20", 0.5, "bn", shape, seed=5)
-    spec, ds = permutation_spec(cfg), _data(shape, n=96)
+    spec, ds = permutation_spec(cfg, shape, 4), _data(shape, n=96)
     stats = activation_correlations(spec, a, b, ds, samples=80, batch_size=80)
     again = activation_correlations(spec, a, b, ds, samples=80, batch_size=7)
     assert stats.samples == 80 and stats.points["stream.0"] == 4 and stats.rows["stream.0"] == 80 * 8 * 8

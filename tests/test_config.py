@@ -20,7 +20,7 @@ def test_yaml_then_overrides_in_order(tmp_path):
     ("train: {lr: fast}\n", ["train.lr", "expected a number"]),
     ("train: {epochs: 2.5}\n", ["train.epochs", "integer"]),
     ("model: {width: 0}\n", ["model.width", "> 0"]),
-    ("model: {arch: transformer}\n", ["model.arch", "'resnet20'"]),
+    ("model: {arch: transformer}\n", ["model.arch", "resnet20", "torchvision.<name>", "module:callable"]),
     ("data: {name: imagenet}\n", ["data.name", "'cifar10'"]),
     ("train: {batch_size: -1}\n", ["train.batch_size"]),
     ("model: 3\n", ["model", "mapping"]),

@@ -39,7 +39,7 @@ def digits(tmp_path_factory):
                           [{"train": {"epochs": 6}, "seed": seed, "device": "cpu"}])
         train(job, root / f"s{seed}")
     a, b = load_checkpoint(root / "s0"), load_checkpoint(root / "s1")
-    result = weight_matching(permutation_spec(a.model), a.state, b.state, seed=0)
+    result = weight_matching(permutation_spec(a.model, a.in_shape, a.num_classes), a.state, b.state, seed=0)
     save_permutation_file(root / "wm.json", result.perm, {"method": "wm"})
     return root / "s0", root / "s1", root / "wm.json"
 
@@ -334,7 +334,7 @@ def test_bad_lambda_grid(tmp_path, tiny, cli):
 def test_permutation_file_that_does_not_fit(tmp_path, tiny, cli):
     a, b = tiny
     wide = ModelConfig(arch="mlp", width=0.5, norm="none")
-    wrong = random_permutation(permutation_spec(wide), build_model(wide, (1, 8, 8), 4).state_dict(), 0)
+    wrong = random_permutation(permutation_spec(wide, (1, 8, 8), 4), build_model(wide, (1, 8, 8), 4).state_dict(), 0)
     save_permutation_file(tmp_path / "wrong.json", wrong)
     assert_clean_error(cli("interpolate", "--a", a, "--b", b, "--perm", tmp_path / "wrong.json", "--out",
                            tmp_path / "o"), "wrong.json", "not a permutation of 128 units")

@@ -68,7 +68,8 @@ def disjoint_pair() -> tuple[ModelConfig, torch.nn.Module, torch.nn.Module]:
 def test_constructed_disjoint_pair_satisfies_lewc_exactly():
     cfg, a, b = disjoint_pair()
     ds = load_dataset(synthetic_data())
-    layers = lewc_analysis(a, b, ds, ds.x_test, LAMBDAS, feature_points(cfg), norm_fix="none", batch_size=24)
+    layers = lewc_analysis(a, b, ds, ds.x_test, LAMBDAS, feature_points(cfg, (1, 8, 8), 4), norm_fix="none",
+                           batch_size=24)
     assert [la["name"] for la in layers] == ["layers.0.relu", "layers.1.relu", "layers.2.relu", "classifier"]
     for layer in layers:
         ell = layer["index"]
@@ -97,7 +98,7 @@ def test_exact_copies_satisfy_llfc_not_lewc(trained_pair):
     a = build_from_checkpoint(ckpt)
     b = copy.deepcopy(a)
     ds = load_dataset(ckpt.data)
-    layers = lewc_analysis(a, b, ds, ds.x_test[:100], LAMBDAS, feature_points(ckpt.model), norm_fix="none",
+    layers = lewc_analysis(a, b, ds, ds.x_test[:100], LAMBDAS, feature_points(ckpt.model, ckpt.in_shape, ckpt.num_classes), norm_fix="none",
                            batch_size=64)
     for layer in layers:
         assert layer["reciprocal_orthogonality"]["b_on_a"] == pytest.approx(1.0)
@@ -144,7 +145,7 @@ def test_every_architecture_on_cpu(arch, width, tmp_path):
         save_checkpoint(paths[-1], Checkpoint(cfg, data, (3, 8, 8), 4, model.state_dict()))
     lcfg = LewcConfig(lambdas=[0.25, 0.75], samples=20, batch_size=16, norm_fix_batches=2, norm_fix_batch_size=64)
     out = lewc_checkpoints(paths[0], paths[1], lcfg, tmp_path / "lewc", device="cpu")
-    points = feature_points(cfg)
+    points = feature_points(cfg, (3, 8, 8), 4)
     assert [la["name"] for la in out["layers"]] == points
     assert out["settings"]["norm_fix"] == "reset" and out["settings"]["norm_fix_requested"] == "auto"
     for layer in out["layers"]:
@@ -188,7 +189,7 @@ def test_lewc_cli_outputs_name_every_setting(trained_pair, cli, tmp_path):
     from lmcx.permutation.weight_matching import weight_matching
 
     ca, cb = load_checkpoint(a), load_checkpoint(b)
-    save_permutation_file(tmp_path / "perm.json", weight_matching(permutation_spec(cb.model), ca.state, cb.state).perm)
+    save_permutation_file(tmp_path / "perm.json", weight_matching(permutation_spec(cb.model, cb.in_shape, cb.num_classes), ca.state, cb.state).perm)
     r = cli("lewc", "--a", a, "--b", b, "--perm", tmp_path / "perm.json", "--samples", "40", "--norm-fix", "repair",
             "--out", tmp_path / "wm")
     assert r.code == 0, r.err

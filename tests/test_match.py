@@ -99,7 +99,7 @@ def test_am_and_ste_cli_keep_accuracy(tmp_path, digits, cli, method):
 def _permuted_copy(src, dst, seed=7):
     """A checkpoint of the same function as `src` with randomly permuted hidden units."""
     ckpt = load_checkpoint(src)
-    spec = permutation_spec(ckpt.model)
+    spec = permutation_spec(ckpt.model, ckpt.in_shape, ckpt.num_classes)
     state = apply_permutation(spec, random_permutation(spec, ckpt.state, seed), ckpt.state)
     save_checkpoint(dst, Checkpoint(ckpt.model, ckpt.data, ckpt.in_shape, ckpt.num_classes, state, {"seed": 99}))
     return dst
@@ -115,8 +115,8 @@ def test_library_self_match_is_exact_and_writes_no_config(tmp_path, digits, meth
     assert not (out / "config.yaml").exists() and (out / "metrics.json").is_file()
     pa, pb = load_checkpoint(a), load_checkpoint(out / "permuted.safetensors")
     assert all(torch.equal(pa.state[k], pb.state[k]) for k in pa.state)
-    perm = load_permutation_file(out / "permutation.json", permutation_spec(pa.model), pa.state)
-    assert set(perm) == set(permutation_spec(pa.model).names)
+    perm = load_permutation_file(out / "permutation.json", permutation_spec(pa.model, pa.in_shape, pa.num_classes), pa.state)
+    assert set(perm) == set(permutation_spec(pa.model, pa.in_shape, pa.num_classes).names)
 
 
 def test_permuted_checkpoint_computes_the_same_logits(tmp_path, digits):

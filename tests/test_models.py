@@ -99,7 +99,7 @@ def test_permutation_invariance(arch, norm, bias, width):
     model = build_model(cfg, SHAPE, CLASSES)
     _randomise_per_unit_values(model, seed=1)
     model.eval()
-    spec = permutation_spec(cfg)
+    spec = permutation_spec(cfg, SHAPE, CLASSES)
     sd = model.state_dict()
 
     # The spec names every state-dict entry (num_batches_tracked carries no units), with one axis
@@ -151,12 +151,12 @@ def test_permutation_invariance(arch, norm, bias, width):
 def test_feature_points(arch, norm):
     cfg = ModelConfig(arch=arch, width=0.5, norm=norm)
     model = build_model(cfg, SHAPE, CLASSES).eval()
-    points = feature_points(cfg)
+    points = feature_points(cfg, SHAPE, CLASSES)
     expected_len = {"mlp": 4, "vgg11": 9, "vgg16": 14, "resnet20": 11}[arch]  # hidden layers + logits
     assert len(points) == expected_len and len(set(points)) == len(points)
     modules = dict(model.named_modules())
     assert all(name in modules for name in points)
-    assert all(name in modules for names in permutation_spec(cfg).activation_points.values() for name in names)
+    assert all(name in modules for names in permutation_spec(cfg, SHAPE, CLASSES).activation_points.values() for name in names)
     outs: dict[str, torch.Tensor] = {}
     for name in points:
         modules[name].register_forward_hook(lambda _m, _i, out, name=name: outs.__setitem__(name, out))
@@ -172,11 +172,11 @@ def test_errors():
     with pytest.raises(LmcxError, match="mlp, vgg11, vgg16, resnet20"):
         build_model(ModelConfig(arch="vgg19"), SHAPE, 10)
     with pytest.raises(LmcxError, match="unknown architecture"):
-        permutation_spec(ModelConfig(arch="resnet18"))
+        permutation_spec(ModelConfig(arch="resnet18"), SHAPE, 10)
     with pytest.raises(LmcxError, match="unknown architecture"):
-        feature_points(ModelConfig(arch="transformer"))
+        feature_points(ModelConfig(arch="transformer"), SHAPE, 10)
     for width in (0, 0.0, -1.0):
         with pytest.raises(LmcxError, match="width"):
             build_model(ModelConfig(arch="mlp", width=width), SHAPE, 10)
         with pytest.raises(LmcxError, match="width"):
-            permutation_spec(ModelConfig(arch="resnet20", width=width))
+            permutation_spec(ModelConfig(arch="resnet20", width=width), SHAPE, 10)

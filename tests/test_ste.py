@@ -24,7 +24,7 @@ def _pair(root, norm):
                        train=TrainConfig(optimizer="adam", lr=0.003, weight_decay=0.0, epochs=3, batch_size=64,
                                          warmup_epochs=0), seed=seed, device="cpu"), root / f"s{seed}")
     a, b = load_checkpoint(root / "s0"), load_checkpoint(root / "s1")
-    return a, b, load_dataset(a.data), permutation_spec(a.model)
+    return a, b, load_dataset(a.data), permutation_spec(a.model, a.in_shape, a.num_classes)
 
 
 @pytest.fixture(scope="module")

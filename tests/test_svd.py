@@ -37,7 +37,7 @@ def test_singular_values_survive_a_random_permutation(arch, width):
     cfg = ModelConfig(arch=arch, width=width, norm="bn", bias=True)
     torch.manual_seed(0)
     params = build_model(cfg, (3, 8, 8), 5).state_dict()
-    spec = permutation_spec(cfg)
+    spec = permutation_spec(cfg, (3, 8, 8), 5)
     permuted = apply_permutation(spec, random_permutation(spec, params, seed=1), params)
     layers = weight_layers(params)
     assert layers and all(params[k].ndim >= 2 for k in layers)
@@ -119,7 +119,7 @@ def test_wm_raises_alignment_of_trained_mlps(trained_pair, cli, tmp_path):
     from lmcx.permutation.weight_matching import weight_matching
 
     ca, cb = load_checkpoint(a), load_checkpoint(b)
-    spec = permutation_spec(cb.model)
+    spec = permutation_spec(cb.model, cb.in_shape, cb.num_classes)
     wm = weight_matching(spec, ca.state, cb.state, seed=0)
     save_permutation_file(tmp_path / "perm.json", wm.perm)
     save_checkpoint(tmp_path / "pb.safetensors", Checkpoint(cb.model, cb.data, cb.in_shape, cb.num_classes,

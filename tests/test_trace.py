@@ -1,6 +1,7 @@
 """Traced permutation specs (permutation/trace.py) and their check (permutation/check.py): equal to the
-hand-written specs of the built-in models, full coverage of torchvision ResNets and MobileNetV2, clear
-pins or refusals elsewhere, wrong specs caught, and weight matching with block axes (flatten -> Linear).
+hand-written specs of the built-in models (tests/reference_specs.py, names included), full coverage of
+torchvision ResNets and MobileNetV2, clear pins or refusals elsewhere, wrong specs caught, and weight
+matching with block axes (flatten -> Linear).
 
 "Fully permuted" is verified two ways: `Coverage.full` (every unpermuted axis of size > 1 is pinned
 as a model input, model output or convolution kernel axis: no axis is pinned for any other reason),
@@ -20,6 +21,7 @@ from lmcx.errors import LmcxError
 from lmcx.models import build_model, permutation_spec
 from lmcx.permutation import (apply_permutation, check_spec, l2_distance, permutation_spec_from_axes,
                               random_permutation, spec_coverage, trace_spec, weight_matching)
+from reference_specs import reference_spec
 
 
 def _groups(spec):
@@ -36,7 +38,7 @@ def test_traced_spec_equals_hand_written(arch, norm, bias):
     cfg = ModelConfig(arch=arch, width=1 / 64 if arch == "mlp" else 0.25 if arch == "resnet20" else 0.125,
                       norm=norm, bias=bias)
     model = build_model(cfg, (3, 8, 8), 10)
-    hand, traced = permutation_spec(cfg), trace_spec(model, _batch(3, 8, 8))
+    hand, traced = reference_spec(cfg), trace_spec(model, _batch(3, 8, 8))
     assert set(traced.axes_to_perm) == set(hand.axes_to_perm)
     assert _groups(traced) == _groups(hand)
     assert not traced.block_sizes
@@ -44,6 +46,20 @@ def test_traced_spec_equals_hand_written(arch, norm, bias):
     by_axes = {frozenset(axes): name for name, axes in hand.perm_to_axes.items()}
     for name, axes in traced.perm_to_axes.items():
         assert sorted(traced.activation_points[name]) == sorted(hand.activation_points[by_axes[frozenset(axes)]])
+    # what lmcx uses (lmcx.models.permutation_spec) is the traced spec under the names permutation files
+    # have always stored: identical to the hand-written spec, names included
+    used = permutation_spec(cfg, (3, 8, 8), 10)
+    assert used.perm_to_axes.keys() == hand.perm_to_axes.keys()
+    assert {p: set(axes) for p, axes in used.perm_to_axes.items()} == {p: set(axes) for p, axes in hand.perm_to_axes.items()}
+    assert used.activation_points == hand.activation_points
+
+
+def test_wide_built_ins_are_traced_at_width_one():
+    """Their structure does not depend on the width: the spec traced at width 1 fits a 4x model."""
+    cfg = ModelConfig(arch="resnet20", width=4, norm="bn")
+    spec = permutation_spec(cfg, (3, 8, 8), 10)
+    assert spec is permutation_spec(ModelConfig(arch="resnet20", width=2, norm="bn"), (3, 8, 8), 10)  # one trace
+    check_spec(build_model(cfg, (3, 8, 8), 10), spec, _batch(3, 8, 8))
 
 
 @pytest.mark.parametrize("name,permutations", [("resnet18", 12), ("resnet50", 37), ("mobilenet_v2", 25)])
@@ -318,9 +334,9 @@ def test_check_spec_catches_unpermuted_batchnorm_statistics():
         check_spec(model, broken, _batch(3, 32, 32))
 
 
-def test_check_spec_names_a_wrong_permutation_of_a_hand_written_spec():
+def test_check_spec_names_a_wrong_permutation_of_a_built_in_spec():
     cfg = ModelConfig(arch="resnet20", width=0.25, norm="bn")
-    spec = permutation_spec(cfg)
+    spec = permutation_spec(cfg, (3, 8, 8), 10)
     axes = dict(spec.axes_to_perm, **{"stages.1.0.conv2.weight": ("stages.1.0.conv1", "stages.1.0.conv1", None, None)})
     with pytest.raises(LmcxError, match=r"permutation 'stages\.1\.0\.conv1'"):
         check_spec(build_model(cfg, (3, 8, 8), 10), permutation_spec_from_axes(axes, spec.activation_points),
@@ -329,7 +345,7 @@ def test_check_spec_names_a_wrong_permutation_of_a_hand_written_spec():
 
 def test_check_spec_catches_an_activation_point_of_another_permutation():
     cfg = ModelConfig(arch="mlp", width=1 / 64, norm="bn")
-    spec = permutation_spec(cfg)
+    spec = permutation_spec(cfg, (3, 8, 8), 10)
     points = dict(spec.activation_points, **{"layers.0": ["layers.1.relu"]})
     broken = permutation_spec_from_axes(spec.axes_to_perm, points)
     with pytest.raises(LmcxError, match=r"activation point 'layers\.1\.relu' does not carry permutation 'layers\.0'"):

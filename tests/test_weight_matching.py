@@ -152,7 +152,7 @@ def _resnet20(seed: int):
             params[k] = 0.5 + torch.rand(v.shape, generator=gen)
         elif k.endswith(("norm.bias", "norm1.bias", "norm2.bias", "running_mean")):
             params[k] = 0.3 * torch.randn(v.shape, generator=gen)
-    return models.permutation_spec(cfg), params
+    return models.permutation_spec(cfg, (3, 16, 16), 10), params
 
 
 def test_resnet20_bn_recovers_inverse_and_aligns():

@@ -229,7 +229,8 @@ def plain_weight_module(model: nn.Module, point: str) -> tuple[str | None, str |
         return siblings[0], None
     if len(siblings) > 1 or any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in modules[parent].modules()
                                 if m is not modules[parent]):
-        return None, (f"{point} is a residual block output (it mixes {', '.join(siblings) or 'several weights'} "
-                      "and the shortcut), not one weight applied to f_(l-1); the alpha/beta fit still applies")
+        return None, (f"{point} is not one weight applied to f_(l-1): its block holds "
+                      f"{', '.join(siblings) or 'several weights'} (a residual block output mixes them and the "
+                      "shortcut); the alpha/beta fit still applies")
     return None, f"no single weight layer produces {point}"
 

@@ -252,6 +252,7 @@ def lewc_checkpoints(a_path, b_path, cfg: LewcConfig, out_dir, perm_path=None, b
     dev = resolve_device(device)
     ckpt_a, ckpt_b = load_checkpoint(a_path), load_checkpoint(b_path)
     check_compatible(ckpt_a, ckpt_b)
+    points = feature_points(ckpt_a.model, ckpt_a.in_shape, ckpt_a.num_classes)  # or a refusal, before any work
     state_bp, permutation = permuted_b(ckpt_a, ckpt_b, perm_path, b_permuted_path, on_the_fly=False)
     if state_bp is not None:
         ckpt_b.state = state_bp
@@ -262,7 +263,7 @@ def lewc_checkpoints(a_path, b_path, cfg: LewcConfig, out_dir, perm_path=None, b
     x = ds.x_test[: cfg.samples]
     model_a, model_b = build_from_checkpoint(ckpt_a, dev), build_from_checkpoint(ckpt_b, dev)
     lambdas = list(cfg.lambdas)
-    layers = lewc_analysis(model_a, model_b, ds, x, lambdas, feature_points(ckpt_a.model), norm_fix=resolved_fix,
+    layers = lewc_analysis(model_a, model_b, ds, x, lambdas, points, norm_fix=resolved_fix,
                            batch_size=cfg.batch_size, norm_fix_batches=cfg.norm_fix_batches,
                            norm_fix_batch_size=cfg.norm_fix_batch_size)
 

@@ -27,7 +27,7 @@ def permuted_b(ckpt_a, ckpt_b, perm_path=None, b_permuted_path=None, *, wm_seed:
 
     check_permutation_source(perm_path, b_permuted_path)
     if perm_path is not None:
-        spec = permutation_spec(ckpt_b.model)
+        spec = permutation_spec(ckpt_b.model, ckpt_b.in_shape, ckpt_b.num_classes)
         perm = load_permutation_file(perm_path, spec, ckpt_b.state)
         return apply_permutation(spec, perm, ckpt_b.state), {"source": "file", "path": str(perm_path),
                                                              "note": "permutation file applied to B"}
@@ -40,7 +40,7 @@ def permuted_b(ckpt_a, ckpt_b, perm_path=None, b_permuted_path=None, *, wm_seed:
         return None, {"source": "none", "note": "no permutation: B as trained (naive)"}
     from ..permutation.weight_matching import weight_matching
 
-    spec = permutation_spec(ckpt_b.model)
+    spec = permutation_spec(ckpt_b.model, ckpt_b.in_shape, ckpt_b.num_classes)
     device = torch.device(device)
     state_a = {k: v.to(device) for k, v in ckpt_a.state.items()}
     state_b = {k: v.to(device) for k, v in ckpt_b.state.items()}

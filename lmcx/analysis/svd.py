@@ -1,7 +1,8 @@
 """SVD analysis of weight matching ([A], SCIENCE.md "SVD analysis").
 
-Every layer weight `W` (a floating state-dict entry with ndim >= 2; a convolution `[out, in, kh, kw]`
-reshaped to `out × (in·kh·kw)`) is decomposed as `W = U S Vᵀ` (float64, singular values descending).
+Every layer weight `W` (a floating state-dict entry with ndim >= 2 that the permutation spec permutes on
+some axis: all of them in the built-in architectures; a convolution `[out, in, kh, kw]` reshaped to
+`out × (in·kh·kw)`) is decomposed as `W = U S Vᵀ` (float64, singular values descending).
 
 Definitions (each lives in one function below):
 
@@ -47,8 +48,8 @@ StateDict = Mapping[str, torch.Tensor]
 SV_RELATIVE_FLOOR = 1e-10  # singular values below this × s_1 are numerically zero: compared to s_1 instead
 
 DEFINITIONS = {
-    "layer_matrix": "every floating weight with ndim >= 2; convolutions [out, in, kh, kw] reshaped to out x (in*kh*kw); "
-                    "SVD in float64",
+    "layer_matrix": "every floating weight with ndim >= 2 that the permutation spec permutes on some axis; convolutions "
+                    "[out, in, kh, kw] reshaped to out x (in*kh*kw); SVD in float64",
     "max_rel_sv_diff": "max_i |s_i(B) - s_i(pi(B))| / max(s_i(B), 1e-10 * s_1(B))",
     "k": "k = number of singular values with s_i / s_1 >= gamma, from each layer's own spectrum (gamma = 0: all)",
     "R": "R(gamma) = <U_A^T U_B', V_A^T V_B'>_F / sqrt(k_A * k_B), top-k singular vectors of each; "
@@ -75,6 +76,16 @@ def layer_matrix(w: torch.Tensor) -> torch.Tensor:
 def weight_layers(params: StateDict) -> list[str]:
     """Names of the layer weights analysed: floating entries with ndim >= 2, in state-dict order."""
     return [k for k, v in params.items() if torch.is_tensor(v) and v.is_floating_point() and v.ndim >= 2]
+
+
+def spec_layers(spec, params: StateDict, arch: str) -> list[str]:
+    """The layer weights of `weight_layers` that the permutation spec permutes on some axis (a weight it
+    leaves alone has π(W) = W: nothing to compare); every one for the built-in architectures."""
+    layers = [k for k in weight_layers(params) if any(p is not None for p in spec.axes_to_perm.get(k, ()))]
+    if not layers:
+        raise LmcxError(f"{arch}: the permutation spec permutes no layer weight (ndim >= 2), so there is nothing for "
+                        "the SVD analysis to compare; see the spec's coverage in `lmcx match`'s metrics.json")
+    return layers
 
 
 def singular_values(w: torch.Tensor) -> torch.Tensor:
@@ -153,13 +164,14 @@ def relative_reduction(before: float, after: float) -> float:
 
 def svd_analysis(params_a: StateDict, params_b: StateDict, params_b_perm: StateDict, gammas: list[float],
                  weighted: bool = False, param_keys: list[str] | None = None,
-                 device: str | torch.device = "cpu") -> dict[str, Any]:
+                 device: str | torch.device = "cpu", layers: list[str] | None = None) -> dict[str, Any]:
     """Per-layer SVD analysis of A against B (naive) and π(B) (permuted).
 
     `param_keys`: the trainable parameters for the total L2 distance over 'parameters' (default: every
-    floating entry except norm running statistics). SVDs run on `device` in float64. Returns {"layers": [...], "totals": {...}}.
+    floating entry except norm running statistics). `layers`: the layer weights analysed (default:
+    `weight_layers(params_a)`). SVDs run on `device` in float64. Returns {"layers": [...], "totals": {...}}.
     """
-    layers = weight_layers(params_a)
+    layers = weight_layers(params_a) if layers is None else layers
     if not layers:
         raise LmcxError("the models have no layer weights (ndim >= 2) to analyse")
     for name, params in (("B", params_b), ("permuted B", params_b_perm)):
@@ -258,7 +270,7 @@ def analyze_svd_checkpoints(a_path, b_path, cfg: SvdConfig, out_dir, perm_path=N
     """
     from ..checkpoint import check_compatible, load_checkpoint
     from ..io import write_csv, write_json
-    from ..models import build_model
+    from ..models import build_model, permutation_spec
     from ..plots import plot_svd_alignment, plot_svd_spectra
     from ..train import resolve_device
 
@@ -275,7 +287,8 @@ def analyze_svd_checkpoints(a_path, b_path, cfg: SvdConfig, out_dir, perm_path=N
     # safetensors sorts names alphabetically: put layers back in the model's order (input first)
     order = [k for k in model.state_dict() if k in ckpt_a.state]
     state_a = {k: ckpt_a.state[k] for k in order + [k for k in ckpt_a.state if k not in set(order)]}
-    result = svd_analysis(state_a, ckpt_b.state, state_bp, list(cfg.gammas), cfg.weighted, param_keys, dev)
+    layers = spec_layers(permutation_spec(ckpt_a.model, ckpt_a.in_shape, ckpt_a.num_classes), state_a, ckpt_a.model.arch)
+    result = svd_analysis(state_a, ckpt_b.state, state_bp, list(cfg.gammas), cfg.weighted, param_keys, dev, layers)
 
     write_csv(out_dir / "svd.csv", csv_rows(result, cfg.weighted))
     plot_svd_spectra(result["layers"], out_dir / "svd_spectra.png")

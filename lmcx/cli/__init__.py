@@ -1,9 +1,9 @@
 """`lmcx` command line: a thin shell that parses, calls the library, and writes.
 
 Each subcommand lives in its own module here, named for it, and registers itself on `app` (app.py,
-with the options every subcommand shares): train, evaluate, match, interpolate, calibrate, analyze_svd,
-lewc, and run (`lmcx run` and `lmcx report`). The library does the work; these modules parse, call it
-and print.
+with the options every subcommand shares): train, evaluate, import_weights (`lmcx import`), match,
+interpolate, calibrate, analyze_svd, lewc, and run (`lmcx run` and `lmcx report`). The library does the
+work; these modules parse, call it and print.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import typer
 from ..console import console
 from ..errors import INTERRUPTED_EXIT_CODE, TERMINATED_EXIT_CODE, LmcxError
 from .app import app
-from . import analyze_svd, calibrate, collect, evaluate, interpolate, lewc, match, run, train  # noqa: E402,F401  (registers commands)
+from . import analyze_svd, calibrate, collect, evaluate, import_weights, interpolate, lewc, match, run, train  # noqa: E402,F401  (registers commands)
 
 
 def main() -> None:

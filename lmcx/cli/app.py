@@ -10,7 +10,7 @@ from typer.core import TyperGroup
 from .. import __version__
 from ..config import nested, parse_override
 
-GLOBAL_OPTIONS = {"--threads": 1, "--quiet": 0, "-q": 0}  # root options, and how many values each takes
+GLOBAL_OPTIONS = {"--threads": 1, "--quiet": 0, "-q": 0, "--trust-code": 1}  # root options, how many values each takes
 
 
 class GlobalOptionsFirst(TyperGroup):
@@ -63,13 +63,19 @@ def root(
              "other processes leave free, 1 for small models). Also accepted after the subcommand.")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No progress bars or progress lines (also $LMCX_QUIET=1); results and errors still print.")] = False,
+    trust_code: Annotated[Optional[list[str]], typer.Option(
+        "--trust-code", metavar="MODULE",
+        help="Allow checkpoints whose model.arch is MODULE:callable (your own model factory) to import MODULE, "
+             "i.e. run its code (repeatable; also $LMCX_TRUST_CODE=MODULE,...). Also accepted after the subcommand.")] = None,
 ) -> None:
     """Linear mode connectivity experiments."""
     from .. import threads as thread_policy
+    from ..arch import trust_code as allow_modules
     from ..console import set_quiet
 
     set_quiet(quiet)
     thread_policy.apply(threads)
+    allow_modules(*(trust_code or []))
 
 
 # Options shared by subcommands: YAML first, then these flags, then --set.

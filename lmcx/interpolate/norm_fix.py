@@ -18,6 +18,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import LmcxError
+from ..models.layers import model_norm  # noqa: F401  (the interpolate modules import it from here)
 
 NORM_FIXES = ("reset", "repair", "none")
 NORM_FIX_SEED = 0  # the training batches used by reset / REPAIR: the same for every model and λ
@@ -31,16 +32,6 @@ NORM_FIX_NOTES = {
 }
 
 BATCH_NORM = nn.modules.batchnorm._BatchNorm  # every BatchNorm{1,2,3}d
-_LN = (nn.LayerNorm, nn.GroupNorm)
-
-
-def model_norm(model: nn.Module) -> str:
-    """'bn', 'ln' (LayerNorm or GroupNorm) or 'none', from the model's modules."""
-    if any(isinstance(m, BATCH_NORM) for m in model.modules()):
-        return "bn"
-    if any(isinstance(m, _LN) for m in model.modules()):
-        return "ln"
-    return "none"
 
 
 def check_norm_fix(setting: str, name: str = "norm_fix") -> None:

@@ -87,7 +87,7 @@ def _load_models(a_path, b_paths: Sequence, labels: Sequence[str], perms: Sequen
         ckpt_b = load_checkpoint(b_path)
         check_compatible(ckpt_a, ckpt_b)
         if perm_path is not None:
-            spec = permutation_spec(ckpt_b.model)
+            spec = permutation_spec(ckpt_b.model, ckpt_b.in_shape, ckpt_b.num_classes)
             perm = load_permutation_file(perm_path, spec, ckpt_b.state)
             ckpt_b.state = apply_permutation(spec, perm, ckpt_b.state)
         models_b[label] = build_from_checkpoint(ckpt_b, device).eval()

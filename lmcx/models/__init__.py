@@ -1,15 +1,18 @@
-"""Model zoo: each architecture is one module (mlp.py, vgg.py, resnet.py) holding its model and its
-permutation spec, with three functions of a `ModelConfig`:
+"""Model zoo: the built-in architectures (mlp.py, vgg.py, resnet.py, one module each) and models from
+outside lmcx (external.py: `torchvision.<name>` and the user's `module:callable` factories; lmcx/arch.py
+says which names exist). Four functions of a `ModelConfig`:
 
 - `build_model(cfg, in_shape, num_classes)`: the network; input [N, C, H, W], output logits [N, classes].
-- `permutation_spec(cfg)`: which permutation acts on which axis of every state-dict entry
-  (all except `num_batches_tracked`), plus `activation_points` for activation matching.
-- `feature_points(cfg)`: module names whose outputs are f_1..f_L counted from the input
-  (post-ReLU hidden outputs, ResNet stream outputs), the last being the logits.
+- `permutation_spec(cfg, in_shape, num_classes)`: which permutation acts on which axis of every
+  state-dict entry, plus `activation_points` for activation matching; traced from the model itself
+  and checked on it, for every architecture (specs.py).
+- `permutation_coverage(...)`: how much of the model that spec permutes, and what is pinned and why.
+- `feature_points(cfg, in_shape, num_classes)`: module names whose outputs are f_1..f_L counted from
+  the input, the last being the logits (specs.py says how they are found).
 
-layers.py holds the building blocks the architectures share (initialised convs, the norm choice and a
-norm layer's permutation axes). To add an architecture, write its module and list it in ARCHITECTURES
-(and in ModelConfig.arch).
+layers.py holds the building blocks the built-ins share (initialised convs, the norm choice). To add a
+built-in architecture, write its module (the model, `build_model`, `feature_points`) and list it in
+ARCHITECTURES and lmcx.arch.BUILTIN_ARCHS; no permutation spec is written by hand.
 """
 from __future__ import annotations
 
@@ -20,10 +23,14 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..arch import arch_kind
 from ..config import ModelConfig
 from ..errors import LmcxError
-from ..permutation.spec import PermutationSpec
 from . import mlp, resnet, vgg
+from .specs import feature_points, permutation_coverage, permutation_spec
+
+__all__ = ["ARCHITECTURES", "build_model", "check_model_size", "permutation_spec", "permutation_coverage",
+           "feature_points", "forward_hooks"]
 
 # vgg.py serves both VGG depths; it reads cfg.arch to pick the layout.
 ARCHITECTURES: dict[str, ModuleType] = {"mlp": mlp, "vgg11": vgg, "vgg16": vgg, "resnet20": resnet}
@@ -35,9 +42,8 @@ MAX_CLASSES = 100_000
 MAX_PARAMETERS = 2 ** 32  # 16 GiB of float32 weights
 
 
-def _architecture(cfg: ModelConfig) -> ModuleType:
-    if cfg.arch not in ARCHITECTURES:
-        raise LmcxError(f"model.arch: unknown architecture {cfg.arch!r}; valid names are {', '.join(ARCHITECTURES)}")
+def builtin_module(cfg: ModelConfig) -> ModuleType:
+    """The module of a built-in architecture, after checking the settings it reads."""
     if not cfg.width > 0:
         raise LmcxError(f"model.width: must be > 0, got {cfg.width}")
     if cfg.norm not in ("bn", "ln", "none"):
@@ -45,10 +51,18 @@ def _architecture(cfg: ModelConfig) -> ModuleType:
     return ARCHITECTURES[cfg.arch]
 
 
+def _kind(cfg: ModelConfig) -> str:
+    try:
+        return arch_kind(cfg.arch)
+    except LmcxError as e:
+        raise LmcxError(f"model.arch: {e}") from None
+
+
 def check_model_size(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: int) -> None:
     """Range-check what decides a model's size (from a config, a flag or a checkpoint header) before
     anything is allocated: the parameters are counted on the `meta` device, which allocates nothing."""
-    arch = _architecture(cfg)
+    builtin = _kind(cfg) == "builtin"
+    arch = builtin_module(cfg) if builtin else None
     if not cfg.width <= MAX_WIDTH:
         raise LmcxError(f"model.width: {cfg.width:g} is more than {MAX_WIDTH}; lower it")
     if len(in_shape) != 3 or not all(1 <= int(s) <= limit for s, limit in zip(in_shape, MAX_INPUT_SHAPE)):
@@ -57,7 +71,13 @@ def check_model_size(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: i
     if not 1 <= num_classes <= MAX_CLASSES:
         raise LmcxError(f"the number of classes must be in [1, {MAX_CLASSES}], got {num_classes}")
     with torch.device("meta"):
-        count = sum(p.numel() for p in arch.build_model(cfg, tuple(in_shape), num_classes).parameters())
+        if builtin:
+            model = arch.build_model(cfg, tuple(in_shape), num_classes)
+        else:
+            from .external import build_unchecked
+
+            model = build_unchecked(cfg, tuple(int(s) for s in in_shape), num_classes)
+        count = sum(p.numel() for p in model.parameters())
     if count > MAX_PARAMETERS:
         raise LmcxError(f"model.width={cfg.width:g} gives a {cfg.arch} of {count:.3g} parameters for input "
                         f"{list(in_shape)} and {num_classes} classes, more than the {MAX_PARAMETERS:.3g} lmcx "
@@ -67,15 +87,11 @@ def check_model_size(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: i
 def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     in_shape = tuple(int(s) for s in in_shape)
     check_model_size(cfg, in_shape, int(num_classes))
-    return _architecture(cfg).build_model(cfg, in_shape, int(num_classes))
+    if _kind(cfg) != "builtin":
+        from .external import build_external
 
-
-def permutation_spec(cfg: ModelConfig) -> PermutationSpec:
-    return _architecture(cfg).permutation_spec(cfg)
-
-
-def feature_points(cfg: ModelConfig) -> list[str]:
-    return _architecture(cfg).feature_points(cfg)
+        return build_external(cfg, in_shape, int(num_classes))
+    return builtin_module(cfg).build_model(cfg, in_shape, int(num_classes))
 
 
 @contextmanager

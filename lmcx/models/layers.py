@@ -1,5 +1,5 @@
-"""Building blocks shared by the models: He-initialised convs, the norm choice, and the permutation
-axes of a norm layer."""
+"""Building blocks shared by the models: He-initialised convs, the norm choice, and which norm a model
+uses."""
 from __future__ import annotations
 
 from torch import nn
@@ -28,7 +28,10 @@ def norm2d(norm: str, channels: int) -> nn.Module:
     return nn.Identity()  # keeps module names the same for every norm choice; holds no state
 
 
-def norm_axes(prefix: str, norm: str, perm: str) -> dict[str, tuple[str | None, ...]]:
-    """Every parameter and buffer of a norm layer is per-unit (channel); num_batches_tracked is not."""
-    names = {"bn": ["weight", "bias", "running_mean", "running_var"], "ln": ["weight", "bias"]}.get(norm, [])
-    return {f"{prefix}.{n}": (perm,) for n in names}
+def model_norm(model: nn.Module) -> str:
+    """'bn', 'ln' (LayerNorm or GroupNorm) or 'none', from the model's modules."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return "bn"
+    if any(isinstance(m, (nn.LayerNorm, nn.GroupNorm)) for m in model.modules()):
+        return "ln"
+    return "none"

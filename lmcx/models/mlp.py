@@ -1,7 +1,7 @@
 """MLP: in -> h -> h -> h -> classes with ReLU, h = 512 * width; images are flattened first.
 
 Parameter names: `layers.{i}.linear.{weight,bias}`, `layers.{i}.norm.*`, `classifier.{weight,bias}`.
-Permutations: `layers.{i}` (the units of hidden layer i), i = 0, 1, 2.
+Permutations (traced): `layers.{i}` (the units of hidden layer i), i = 0, 1, 2.
 """
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from collections import OrderedDict
 from torch import nn
 
 from ..config import ModelConfig
-from ..permutation.spec import PermutationSpec, permutation_spec_from_axes
-from .layers import norm_axes
 
 BASE_UNITS = 512
 DEPTH = 3  # hidden layers
@@ -49,23 +47,9 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: i
     return MLP(cfg, in_shape, num_classes)
 
 
-def permutation_spec(cfg: ModelConfig) -> PermutationSpec:
-    axes: dict[str, tuple[str | None, ...]] = {}
-    activations: dict[str, list[str]] = {}
-    prev = None  # the input pixels are never permuted
-    for i in range(DEPTH):
-        p = f"layers.{i}"
-        # Linear weight is [out, in]: rows are this layer's units, columns the previous layer's.
-        axes[f"layers.{i}.linear.weight"] = (p, prev)
-        if cfg.bias:
-            axes[f"layers.{i}.linear.bias"] = (p,)
-        axes.update(norm_axes(f"layers.{i}.norm", cfg.norm, p))
-        activations[p] = [f"layers.{i}.relu"]
-        prev = p
-    axes["classifier.weight"] = (None, prev)  # output units (classes) are never permuted
-    if cfg.bias:
-        axes["classifier.bias"] = (None,)
-    return permutation_spec_from_axes(axes, activations)
+def permutation_name(traced: str) -> str:
+    """The name permutation files have always used for a traced permutation: `layers.{i}.linear` -> `layers.{i}`."""
+    return traced.removesuffix(".linear")
 
 
 def feature_points(cfg: ModelConfig) -> list[str]:

@@ -4,20 +4,20 @@ stride 2 at the start of stages 2 and 3, global average pool, one Linear.
 Parameter names: `stem.conv.*`, `stem.norm.*`, `stages.{s}.{b}.{conv1,norm1,conv2,norm2}.*`,
 `stages.{s}.{b}.shortcut.{conv,norm}.*` (first block of stages 1 and 2 only), `classifier.*`.
 
-Permutations: everything added into one residual stream must share a permutation, or the sum would
+Permutations (traced): everything added into one residual stream shares a permutation, or the sum would
 mix units. `stream.0` = stem output and every block output of stage 0; `stream.{s}` (s = 1, 2) starts
 at stage s's shortcut conv and is shared by that stage's blocks. `stages.{s}.{b}.conv1` = the hidden
 channels inside block (s, b), free to permute on their own.
 """
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 from torch import nn
 
 from ..config import ModelConfig
-from ..permutation.spec import PermutationSpec, permutation_spec_from_axes
-from .layers import HeConv2d, norm2d, norm_axes
+from .layers import HeConv2d, norm2d
 
 STAGE_CHANNELS = (16, 32, 64)
 BLOCKS_PER_STAGE = 3
@@ -90,43 +90,13 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: i
     return ResNet20(cfg, in_shape, num_classes)
 
 
-def permutation_spec(cfg: ModelConfig) -> PermutationSpec:
-    axes: dict[str, tuple[str | None, ...]] = {}
-    activations: dict[str, list[str]] = {}
-
-    def conv(name: str, p_out: str | None, p_in: str | None) -> None:
-        """Conv `name`: weight [out, in, kh, kw] and bias [out]."""
-        axes[f"{name}.weight"] = (p_out, p_in, None, None)
-        if cfg.bias:
-            axes[f"{name}.bias"] = (p_out,)
-
-    def norm(name: str, p: str) -> None:
-        axes.update(norm_axes(name, cfg.norm, p))
-
-    stream = "stream.0"
-    conv("stem.conv", stream, None)
-    norm("stem.norm", stream)
-    activations[stream] = ["stem.relu"]
-    for s in range(len(STAGE_CHANNELS)):
-        for b in range(BLOCKS_PER_STAGE):
-            block = f"stages.{s}.{b}"
-            stream_in = stream
-            if _has_shortcut_conv(s, b):
-                # The shortcut conv maps the old stream into a new one, which this stage then shares.
-                stream = f"stream.{s}"
-                conv(f"{block}.shortcut.conv", stream, stream_in)
-                norm(f"{block}.shortcut.norm", stream)
-            inner = f"{block}.conv1"
-            conv(f"{block}.conv1", inner, stream_in)
-            norm(f"{block}.norm1", inner)
-            conv(f"{block}.conv2", stream, inner)  # conv2's output is added into the stream
-            norm(f"{block}.norm2", stream)
-            activations[inner] = [f"{block}.relu1"]
-            activations.setdefault(stream, []).append(f"{block}.relu2")
-    axes["classifier.weight"] = (None, stream)  # output units (classes) are never permuted
-    if cfg.bias:
-        axes["classifier.bias"] = (None,)
-    return permutation_spec_from_axes(axes, activations)
+def permutation_name(traced: str) -> str:
+    """The name permutation files have always used for a traced permutation. A stream is traced under the
+    first module that produces it: the stem conv (`stream.0`), or conv2 of stage s's first block (`stream.{s}`)."""
+    if traced == "stem.conv":
+        return "stream.0"
+    stage = re.fullmatch(r"stages\.(\d+)\.0\.conv2", traced)
+    return f"stream.{stage[1]}" if stage and stage[1] != "0" else traced
 
 
 def feature_points(cfg: ModelConfig) -> list[str]:

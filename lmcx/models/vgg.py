@@ -5,7 +5,8 @@ feature map is 1 pixel wide, and adaptive average pooling to 1x1 makes the class
 independent of the image size.
 
 Parameter names: `features.{i}.conv.{weight,bias}`, `features.{i}.norm.*`, `classifier.{weight,bias}`
-(i counts conv layers, pools do not get an index). Permutations: `features.{i}` (output channels of conv i).
+(i counts conv layers, pools do not get an index). Permutations (traced): `features.{i}` (output channels
+of conv i).
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from collections import OrderedDict
 from torch import nn
 
 from ..config import ModelConfig
-from ..permutation.spec import PermutationSpec, permutation_spec_from_axes
-from .layers import HeConv2d, norm2d, norm_axes
+from .layers import HeConv2d, norm2d
 
 # Output channels of each conv at width 1; "M" = 2x2 max-pool after the preceding conv.
 LAYOUTS: dict[str, list[int | str]] = {
@@ -60,23 +60,9 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: i
     return VGG(cfg, in_shape, num_classes)
 
 
-def permutation_spec(cfg: ModelConfig) -> PermutationSpec:
-    axes: dict[str, tuple[str | None, ...]] = {}
-    activations: dict[str, list[str]] = {}
-    prev = None  # input channels are never permuted
-    for i in range(len(_convs(cfg))):
-        p = f"features.{i}"
-        # Conv weight is [out, in, kh, kw]; pooling keeps channels, so the next conv reads p.
-        axes[f"features.{i}.conv.weight"] = (p, prev, None, None)
-        if cfg.bias:
-            axes[f"features.{i}.conv.bias"] = (p,)
-        axes.update(norm_axes(f"features.{i}.norm", cfg.norm, p))
-        activations[p] = [f"features.{i}.relu"]
-        prev = p
-    axes["classifier.weight"] = (None, prev)  # after the 1x1 average pool, features = channels
-    if cfg.bias:
-        axes["classifier.bias"] = (None,)
-    return permutation_spec_from_axes(axes, activations)
+def permutation_name(traced: str) -> str:
+    """The name permutation files have always used for a traced permutation: `features.{i}.conv` -> `features.{i}`."""
+    return traced.removesuffix(".conv")
 
 
 def feature_points(cfg: ModelConfig) -> list[str]:

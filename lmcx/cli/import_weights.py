@@ -1,0 +1,55 @@
+"""`lmcx import`: weights trained elsewhere + an architecture + a dataset -> an lmcx run directory."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .app import ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOption, SetOption, app, overrides, step_ran
+
+
+@app.command("import")
+def import_weights(
+    weights: Annotated[Path, typer.Option(
+        "--weights", help="FILE.safetensors, or a PyTorch state dict (.pt/.pth/.bin, read with weights_only=True).")],
+    arch: Annotated[Optional[str], typer.Option(
+        help="mlp | vgg11 | vgg16 | resnet20 | torchvision.<name> | package.module:callable (model.arch).")] = None,
+    width: Annotated[Optional[float], typer.Option(help="Width multiplier (model.width).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        "--data", "--dataset", help="Dataset the model is for: input shape, classes, evaluation (data.name).")] = None,
+    key: Annotated[Optional[str], typer.Option(help="Entry of the file that holds the state dict (e.g. state_dict).")] = None,
+    strip_prefix: Annotated[Optional[str], typer.Option(
+        "--strip-prefix", help="Remove this prefix from every tensor name (e.g. 'module.').")] = None,
+    config: ConfigOption = None,
+    device: DeviceOption = None,
+    data_root: DataRootOption = None,
+    out: OutOption = None,
+    set_: SetOption = None,
+    force: ForceOption = False,
+) -> None:
+    """Turn weights trained elsewhere into an lmcx checkpoint: model.safetensors (with the header every
+    command reads), meta.json, config.yaml and metrics.json (test loss and accuracy) last, like a
+    training run. The tensors must be exactly the architecture's state dict; a config file holds the
+    model and data sections of a training config.
+
+    Example: lmcx import --arch torchvision.resnet18 --weights resnet18.pt --data cifar10 --out outputs/import/r18
+    """
+    from ..config import TrainJob, load_config
+    from ..console import console
+    from ..import_weights import IMPORT_OUTPUTS, default_run_dir, import_settings, with_model_norm
+    from ..import_weights import import_weights as run_import
+    from ..io import read_json
+    from ..rundir import run_once
+
+    job = with_model_norm(load_config(TrainJob, config, overrides(
+        {"model.arch": arch, "model.width": width, "data.name": dataset, "data.root": data_root, "device": device},
+        set_)))
+    run_dir = out or default_run_dir(job, weights)
+    metrics: dict = {}
+    status = run_once(run_dir, import_settings(job, weights, key, strip_prefix), IMPORT_OUTPUTS,
+                      lambda: metrics.update(run_import(job, weights, run_dir, key, strip_prefix)), force=force)
+    if step_ran(run_dir, status) or status == "skipped":
+        metrics = metrics or read_json(Path(run_dir) / "metrics.json")
+        console.print(f"{run_dir}: {job.model.arch}, test accuracy {metrics['test_accuracy']:.4f}, "
+                      f"loss {metrics['test_loss']:.4f}", markup=False)
