@@ -1,7 +1,7 @@
 """`lmcx import`: weights trained elsewhere + an architecture + a dataset -> an lmcx run directory.
 
-The weights are a `.safetensors` file or a PyTorch state dict (`.pt`, `.pth`, `.bin`: what
-`torch.save(model.state_dict(), path)` writes), read only with `torch.load(weights_only=True)`, so
+The weights are a `.safetensors` file or a PyTorch state dict (`.pt`, `.pth`, `.bin`: a
+`model.state_dict()` saved with torch), read only with `torch.load(weights_only=True)`, so
 a file holding anything but tensors and plain containers is refused, never unpickled into code.
 `key` picks a state dict nested in the file (e.g. `state_dict` of a training checkpoint) and
 `strip_prefix` removes a prefix from every name (e.g. `module.` left by DataParallel).
