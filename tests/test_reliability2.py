@@ -195,7 +195,7 @@ def test_weight_matching_refuses_such_state_dicts(models, tmp_path, kind):
     a = load_checkpoint(models / "s0")
     bad = load_file(str(_poisoned(models, tmp_path, kind)))
     with pytest.raises(LmcxError, match="model B: tensor"):
-        weight_matching(permutation_spec(a.model), a.state, bad)
+        weight_matching(permutation_spec(a.model, a.in_shape, a.num_classes), a.state, bad)
 
 
 def test_resuming_from_a_state_with_nan_weights_is_refused(tmp_path, synthetic_config, cli, monkeypatch):
@@ -365,7 +365,7 @@ def _perm_target(models: Path):
     from lmcx.models import permutation_spec
 
     b = load_checkpoint(models / "s1")
-    return permutation_spec(b.model), b.state
+    return permutation_spec(b.model, b.in_shape, b.num_classes), b.state
 
 
 def _perm_edit(doc, path: list, value):
