@@ -80,11 +80,12 @@ def _executor(folder: Path, options: dict[str, Any]):
     except RuntimeError:  # submitit's check that srun exists
         raise LmcxError("no SLURM here (srun not found); submit from a SLURM login node, or run with the "
                         "local launcher") from None
-    try:
-        executor.update_parameters(**{**DEFAULT_OPTIONS, **options})
+    try:  # submitit's generic names too (timeout_min -> time, mem_gb -> mem), as its AutoExecutor converts them
+        executor.update_parameters(**{**DEFAULT_OPTIONS, **executor._convert_parameters(options)})
     except ValueError as e:  # submitit lists the valid options
         raise LmcxError(f"slurm options: {str(e).splitlines()[0]}; use submitit SlurmExecutor parameters "
-                        "(partition, time, gpus_per_node, cpus_per_task, mem, account, ...)") from None
+                        "(partition, time or timeout_min, gpus_per_node, cpus_per_task, mem or mem_gb, account, "
+                        "...)") from None
     return executor
 
 
