@@ -119,7 +119,7 @@ def submit_experiment(cfg: ExperimentConfig, steps: list[Step], folder: str | Pa
                       slurm_options: dict[str, Any] | None = None, *, wait: bool = False) -> dict[str, str]:
     """Submit the incomplete `steps` (plan(cfg), checked by experiment.check_plan) and the report job;
     submitit's files and the jobs' logs go to `folder`. Returns label -> SLURM job id ("report" for the
-    last job). With `wait`, returns once the report is written."""
+    last job), and prints them. With `wait`, returns once the report is written."""
     folder = Path(folder)
     root = experiment_dir(cfg)
     options = dict(slurm_options or {})
@@ -142,6 +142,8 @@ def submit_experiment(cfg: ExperimentConfig, steps: list[Step], folder: str | Pa
     console.print(f"{len(steps) - len(jobs)} steps complete, {len(jobs)} submitted: "
                   f"{len(trains)} train (job array {', '.join(array_ids) or '-'}), {len(others)} dependent jobs; "
                   f"report job {report.job_id}; logs in {folder}", markup=False)
+    for label, job_id in ids.items():
+        console.print(f"{job_id:>12}  {label}", markup=False)
     if wait:
         try:
             console.print(f"report: {report.result()}", markup=False)

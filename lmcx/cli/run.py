@@ -64,9 +64,7 @@ def run(
 
         steps = plan(cfg)
         check_plan(steps)
-        jobs = submit_experiment(cfg, steps, experiment_dir(cfg) / "slurm", cfg.slurm, wait=wait)
-        for label, job in jobs.items():
-            console.print(f"{job:>12}  {label}", markup=False)
+        submit_experiment(cfg, steps, experiment_dir(cfg) / "slurm", cfg.slurm, wait=wait)  # prints the job ids
         results = read_json(experiment_dir(cfg) / STEPS_FILE) if wait else {}
     else:
         results = run_experiment(cfg, dry_run=dry_run, force=force)
