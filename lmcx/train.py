@@ -21,6 +21,7 @@ import copy
 import math
 import os
 import platform
+import shutil
 import subprocess
 import time
 from contextlib import nullcontext
@@ -169,7 +170,10 @@ def versions() -> dict[str, str]:
 def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Train one model into `run_dir` (see module docstring). Returns the final metrics. With `job.track`,
     the main process also records each epoch's row and the final metrics (lmcx/tracking.py)."""
-    with open_tracker(job.track if Distributed.from_env().is_main else "none", run_dir) as tracker:
+    track = job.track if Distributed.from_env().is_main else "none"
+    if track != "none":  # the events are rebuilt from the start: a resumed run replays its history first
+        shutil.rmtree(Path(run_dir) / EVENTS_DIR, ignore_errors=True)
+    with open_tracker(track, run_dir) as tracker:
         return _train(job, Path(run_dir), resume, tracker)
 
 
@@ -219,7 +223,7 @@ def _train(job: TrainJob, run_dir: Path, resume: bool, tracker) -> dict[str, Any
         check_weights(model.state_dict(), state_path)  # a state holding NaN must not become a finished model
         if dist.is_main:
             console.print(f"resuming {run_dir} after epoch {start_epoch}/{cfg.epochs}")
-        for row in history:  # the tracker's events were cleared with the other outputs when the run restarted
+        for row in history:
             tracker.epoch(row["epoch"], row)
 
     net: torch.nn.Module = model

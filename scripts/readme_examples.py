@@ -57,16 +57,17 @@ SUBSTITUTES: dict[str, tuple[str | None, str]] = {
 
 
 def readme_examples(text: str) -> list[tuple[str, str]]:
-    """("bash", command line) for each command of a ```bash block, ("python", code) for each ```python
-    block, in README order; comment-only lines and blank lines are left out."""
+    """("bash", command line without its trailing comment) for each command of a ```bash block, ("python",
+    code) for each ```python block, in README order; comment-only lines and blank lines are left out."""
     examples = []
     for lang, body in re.findall(r"^```(bash|python)\n(.*?)^```", text, re.M | re.S):
         if lang == "python":
             examples.append(("python", body))
             continue
         for line in body.splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                examples.append(("bash", line.strip()))
+            command = re.sub(r"\s+#\s.*$", "", line).strip()  # without its trailing comment
+            if command and not command.startswith("#"):
+                examples.append(("bash", command))
     return examples
 
 

@@ -135,3 +135,28 @@ def test_train_and_interpolate_track_tensorboard_from_the_cli(tmp_path, cli):
                                                         for r in rows])
     test = json.loads((curve / "barrier.json").read_text())["results"]["naive"]["test"]
     _close(events["final/loss_barrier_naive"], [(0, test["raw"]["loss_barrier"])])
+
+
+def test_resumed_training_tracks_each_epoch_once(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    import lmcx.train as training
+    from lmcx.config import TrainJob, load_config
+
+    job = load_config(TrainJob, write_yaml(tmp_path / "train.yaml", SYNTHETIC_TRAIN),  # 3 epochs
+                      [{"track": "tensorboard", "device": "cpu"}])
+    save, saved = training.save_train_state, []
+
+    def save_then_stop(path, state):  # as if killed right after the second epoch's state was saved
+        save(path, state)
+        saved.append(state["epoch"])
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_train_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(job, tmp_path / "run")
+    monkeypatch.setattr(training, "save_train_state", save)
+    training.train(job, tmp_path / "run", resume=True)
+    events = _read_events(tmp_path / "run")
+    assert [step for step, _ in events["train/train_loss"]] == [1, 2, 3]
+    assert [step for step, _ in events["final/test_accuracy"]] == [0]
