@@ -87,10 +87,10 @@ def prepare(work: Path, shared: Path) -> tuple[Path, dict[str, str]]:
         (work / "shared").symlink_to(shared.resolve())
     bin_dir = work / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "lmcx").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m lmcx "$@"\n')
-    (bin_dir / "lmcx").chmod(0o755)
-    python_bin = Path(sys.executable).parent  # torchrun, tensorboard; `python` is this interpreter
-    (bin_dir / "python").symlink_to(sys.executable)
+    for name, line in (("lmcx", "-m lmcx"), ("python", ""), ("python3", "")):  # a symlink loses the venv
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" {line} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    python_bin = Path(sys.executable).parent  # torchrun, tensorboard
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{python_bin}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(clone), "MPLBACKEND": "Agg"}
     return clone, env
