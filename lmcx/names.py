@@ -4,8 +4,8 @@ A command given no `--out` writes to outputs/<command>/<readable>-<hash>:
   readable  what the run is about, short: the models' run names (their shared start written once, a
             hash already in them left out) and what tells runs of one pair apart (method, labels, ...)
   hash      6 hex digits of the settings that change results (the ones rundir compares before reusing a
-            directory) and differ from lmcx's defaults: runs whose settings differ never share a default
-            directory.
+            directory, input paths as the locations they name) and differ from lmcx's defaults: runs
+            whose settings differ never share a default directory.
 Experiments (`lmcx run`) are the exception: outputs/<name>, so that adding a width or seed to the YAML
 extends the same folder; their steps' directories are in layout.py.
 """
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .config import InterpolateConfig, LewcConfig, MatchConfig, SvdConfig, TrainJob, to_dict
-from .rundir import result_settings
+from .rundir import INPUT_PATH_KEYS, result_settings
 
 MODEL_FILE = "model.safetensors"
 PERMUTED_FILE = "permuted.safetensors"  # B permuted into A's frame, written by `lmcx match`
@@ -50,11 +51,24 @@ def joined(paths: Sequence[str | Path]) -> str:
 def settings_hash(resolved: dict[str, Any], defaults: dict[str, Any] | None = None,
                   ignore: Iterable[str] = ()) -> str:
     """Hash of the result-relevant settings of `resolved` that differ from `defaults` (same shape)."""
-    given = result_settings(resolved, ignore)
+    given = result_settings(_located(resolved), ignore)
     usual = result_settings(defaults or {}, ignore)
     kept = {k: v for k, v in given.items() if k not in usual or usual[k] != v}
     text = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+
+
+def _located(resolved: dict[str, Any]) -> dict[str, Any]:
+    """Input paths as the locations they name, as rundir.check_settings compares them: `runs/s0` and
+    `./runs/s0` are one input."""
+    def where(value: Any) -> Any:
+        return os.path.realpath(value) if isinstance(value, str) else value
+
+    out = dict(resolved)
+    for key in INPUT_PATH_KEYS:
+        if key in out:
+            out[key] = [where(v) for v in out[key]] if isinstance(out[key], list) else where(out[key])
+    return out
 
 
 def default_dir(command: str, readable: str, resolved: dict[str, Any], defaults: dict[str, Any] | None = None,

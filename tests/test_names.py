@@ -66,3 +66,10 @@ def test_train_defaults_never_collide_and_skip_what_is_done(tmp_path, cli, monke
     assert len(list((tmp_path / "outputs" / "train").iterdir())) == 2
     job = TrainJob()
     assert train_dir(job).parent.as_posix() == "outputs/train" and train_dir(job).name.startswith("digits-mlp-bn-w1-s0-")
+
+
+def test_an_input_named_two_ways_is_one_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    given = {"svd": {}, "a": "runs/s0", "b": "runs/s1"}
+    assert settings_hash(given) == settings_hash({**given, "a": "./runs/s0", "b": str(tmp_path / "runs/s1")})
+    assert settings_hash(given) != settings_hash({**given, "b": "runs/s2"})

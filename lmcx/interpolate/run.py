@@ -25,7 +25,6 @@ barrier.json:
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -75,8 +74,7 @@ def write_outputs(out_dir: Path, curves: Curves, settings: dict[str, Any],
     plot_interpolation(curves.lambdas, series, out_dir / "curve.png", title=_title(settings),
                        splits=[s for s in CURVE_SPLITS if s in curves.targets])
     barrier = {**settings, "results": results}
-    if track != "none":
-        shutil.rmtree(out_dir / EVENTS_DIR, ignore_errors=True)  # a recalibrated curve replaces its events
+    if track != "none":  # a recalibration adds an events file: the earlier ones stay, the finished run lists them
         with open_tracker(track, out_dir) as tracker:
             for label, splits in series.items():
                 for split, values in splits.items():
