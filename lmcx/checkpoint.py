@@ -23,9 +23,8 @@ from .arch import require_trusted
 from .config import DataConfig, ModelConfig, from_dict, validate
 from .errors import LmcxError
 from .io import atomic_path, loads_json, shorten
+from .names import MODEL_FILE
 
-MODEL_FILE = "model.safetensors"
-PERMUTED_FILE = "permuted.safetensors"  # B permuted into A's frame, written by `lmcx match`
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -87,15 +86,6 @@ def check_weights(state: Mapping[str, Any], source: str | Path, names: Iterable[
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     write_tensors(path, {k: v.detach().contiguous().cpu() for k, v in ckpt.state.items()}, ckpt.header())
-
-
-def run_name(path: str | Path) -> str:
-    """The run a checkpoint path stands for, for default output names: a run directory's name, the folder
-    of its model.safetensors or permuted.safetensors, or a file's stem."""
-    p = Path(path)
-    if p.is_dir() or p.suffix != ".safetensors":
-        return p.name
-    return p.parent.name if p.name in (MODEL_FILE, PERMUTED_FILE) else p.stem
 
 
 def resolve_model_path(path: str | Path) -> Path:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import yaml
 
 from .errors import LmcxError
-from .experiment import EXPERIMENT_FILE, STEPS_FILE
+from .layout import EXPERIMENT_FILE, STEPS_FILE
 from .io import read_json
 from .rundir import CONFIG_FILE, NON_RESULT_KEYS, _flatten
 

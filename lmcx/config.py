@@ -44,7 +44,7 @@ class DataConfig:
     root: str | None = None  # else $LMCX_DATA_ROOT, else ~/.cache/lmcx/data
     path: str | None = None  # imagefolder: folder holding train/ and test/ (relative to root)
     download: bool = False
-    calib_size: int = 1000  # held out of the training set (same split for every seed) for calibration
+    calib_size: int = 200  # held out of the training set (same split for every seed) for calibration
     train_size: int | None = None  # use only this many training images (after the calibration split)
     augment: bool = False  # random crop with padding + horizontal flip, on the device
     crop_padding: int = 4
@@ -88,7 +88,8 @@ class TrainJob:
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    out: str | None = None  # run directory; default outputs/train/<dataset>-<arch>-w<width>-s<seed>
+    out: str | None = None  # run directory; default: see lmcx/names.py
+    track: Literal["none", "tensorboard"] = "none"  # experiment tracking (lmcx/tracking.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +192,10 @@ class ExperimentConfig:
     lewc: LewcConfig = field(default_factory=LewcConfig)
     three_models: ThreeModelConfig | None = None
     device: str = "auto"
+    track: Literal["none", "tensorboard"] = "none"  # experiment tracking of the train and interpolate steps
+    # `lmcx run --launcher slurm`: submitit SlurmExecutor parameters (partition, time in minutes or
+    # timeout_min, gpus_per_node, cpus_per_task, mem or mem_gb, account, ...); see lmcx/slurm.py
+    slurm: Any = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------

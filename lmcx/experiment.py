@@ -63,7 +63,7 @@ def plan(cfg: ExperimentConfig) -> list[Step]:
         trained: dict[int, Step] = {}
         for seed in cfg.seeds:
             job = TrainJob(data=cfg.data, model=replace(cfg.model, width=width), train=cfg.train, seed=seed,
-                           device=cfg.device, out=str(train_dir(root, width, seed)))
+                           device=cfg.device, out=str(train_dir(root, width, seed)), track=cfg.track)
             trained[seed] = add(Step("train", f"{w}-s{seed}", Path(job.out), "metrics.json", to_dict(job),
                                      (lambda job=job: train(job, job.out, resume=True)), keep=(STATE_FILE,)))
 
@@ -86,7 +86,8 @@ def plan(cfg: ExperimentConfig) -> list[Step]:
             settings = {"interpolate": to_dict(cfg.interpolate), "a": str(a_file), "b": [str(f) for f in files],
                         "labels": labels}
             return add(Step("interpolate", out.name, out, "barrier.json", settings,
-                            lambda: interpolate_checkpoints(a_file, files, labels, cfg.interpolate, out, cfg.device),
+                            lambda: interpolate_checkpoints(a_file, files, labels, cfg.interpolate, out, cfg.device,
+                                                           track=cfg.track),
                             needs=[a] + [s for _, s, _ in bs]))
 
         for a, b in seed_pairs(cfg):

@@ -118,11 +118,6 @@ def import_settings(job: TrainJob, weights: str | Path, key: str | None, strip_p
             "data": to_dict(job.data), "model": to_dict(job.model), "device": job.device}
 
 
-def default_run_dir(job: TrainJob, weights: str | Path) -> Path:
-    arch = job.model.arch.replace(":", ".")
-    return Path("outputs") / "import" / f"{job.data.name}-{arch}-{Path(weights).stem}"
-
-
 def import_weights(job: TrainJob, weights: str | Path, run_dir: str | Path, key: str | None = None,
                    strip_prefix: str | None = None) -> dict[str, Any]:
     """Import `weights` as a model of `job.model` for `job.data` into `run_dir` (module docstring); returns

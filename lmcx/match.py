@@ -27,22 +27,21 @@ import itertools
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from .checkpoint import (PERMUTED_FILE, Checkpoint, build_from_checkpoint, check_compatible, load_checkpoint, run_name,
-                         save_checkpoint)
+from .checkpoint import Checkpoint, build_from_checkpoint, check_compatible, load_checkpoint, save_checkpoint
 from .config import MatchConfig, to_dict, validate
 from .errors import LmcxError
 from .io import write_json
+from .names import PERMUTED_FILE
 
 PERMUTATION_FILE = "permutation.json"
 METRICS_FILE = "metrics.json"
 METHOD_NAMES = {"wm": "weight matching", "am": "activation matching", "ste": "straight-through estimator"}
 
-__all__ = ["match_checkpoints", "match_outputs", "match_pair", "run_name", "default_out_dir",
-           "PERMUTATION_FILE", "PERMUTED_FILE", "METRICS_FILE"]
+__all__ = ["match_checkpoints", "match_outputs", "match_pair", "PERMUTATION_FILE", "PERMUTED_FILE", "METRICS_FILE"]
 
 
 def match_outputs(num_b: int) -> list[str]:
@@ -50,12 +49,6 @@ def match_outputs(num_b: int) -> list[str]:
     if num_b == 1:
         return [METRICS_FILE, PERMUTATION_FILE, PERMUTED_FILE]
     return [METRICS_FILE] + [f"b{i}" for i in range(1, num_b + 1)]
-
-
-def default_out_dir(a: str | Path, bs: Sequence[str | Path], cfg: MatchConfig) -> Path:
-    """outputs/match/<A>--<B>-<method>; several B's: <A>--<B1>--<B2>...-<method> (or -merge-many)."""
-    tag = cfg.method if len(bs) == 1 or cfg.many == "anchor" else "merge-many"
-    return Path("outputs") / "match" / ("--".join([run_name(a)] + [run_name(b) for b in bs]) + f"-{tag}")
 
 
 def _l2(state_a, state_b) -> dict[str, Any]:

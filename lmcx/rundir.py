@@ -29,7 +29,7 @@ CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
 MANIFEST_FILE = ".outputs.json"  # the files a finished step vouches for
 # Settings that do not change a result: a finished run is still valid when only these differ.
-NON_RESULT_KEYS = {"device", "out", "data.root", "data.download", "train.compile", "train.eval_batch_size"}
+NON_RESULT_KEYS = {"device", "out", "data.root", "data.download", "train.compile", "train.eval_batch_size", "track"}
 # Settings naming input files, compared as locations: the same experiment given with an absolute --out
 # (or a relative one) still matches its finished steps.
 INPUT_PATH_KEYS = ("a", "b", "perm", "perms", "b_permuted")
@@ -142,13 +142,19 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def settings_difference(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = ()) -> str | None:
-    """First result-relevant setting that differs, as 'key: old -> new', or None. Keys in `ignore` are
-    treated like NON_RESULT_KEYS (settings that cannot make this step's finished outputs stale)."""
-    a, b = _flatten(old), _flatten(new)
+def result_settings(resolved: dict[str, Any], ignore: Iterable[str] = ()) -> dict[str, Any]:
+    """The settings that can change a step's results, as dotted keys: all but NON_RESULT_KEYS and `ignore`
+    (settings that cannot make this step's finished outputs stale)."""
     skip = NON_RESULT_KEYS | set(ignore)
+    return {k: v for k, v in _flatten(resolved).items() if k not in skip}
+
+
+def settings_difference(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = ()) -> str | None:
+    """First result-relevant setting that differs, as 'key: old -> new', or None (`ignore`: see
+    result_settings)."""
+    a, b = result_settings(old, ignore), result_settings(new, ignore)
     for key in sorted(set(a) | set(b)):
-        if key not in skip and a.get(key) != b.get(key):
+        if a.get(key) != b.get(key):
             return f"{key}: {shorten(a.get(key))} -> {shorten(b.get(key))}"
     return None
 

@@ -80,11 +80,12 @@ def _executor(folder: Path, options: dict[str, Any]):
     except RuntimeError:  # submitit's check that srun exists
         raise LmcxError("no SLURM here (srun not found); submit from a SLURM login node, or run with the "
                         "local launcher") from None
-    try:
-        executor.update_parameters(**{**DEFAULT_OPTIONS, **options})
+    try:  # submitit's generic names too (timeout_min -> time, mem_gb -> mem), as its AutoExecutor converts them
+        executor.update_parameters(**{**DEFAULT_OPTIONS, **executor._convert_parameters(options)})
     except ValueError as e:  # submitit lists the valid options
         raise LmcxError(f"slurm options: {str(e).splitlines()[0]}; use submitit SlurmExecutor parameters "
-                        "(partition, time, gpus_per_node, cpus_per_task, mem, account, ...)") from None
+                        "(partition, time or timeout_min, gpus_per_node, cpus_per_task, mem or mem_gb, account, "
+                        "...)") from None
     return executor
 
 
@@ -118,7 +119,7 @@ def submit_experiment(cfg: ExperimentConfig, steps: list[Step], folder: str | Pa
                       slurm_options: dict[str, Any] | None = None, *, wait: bool = False) -> dict[str, str]:
     """Submit the incomplete `steps` (plan(cfg), checked by experiment.check_plan) and the report job;
     submitit's files and the jobs' logs go to `folder`. Returns label -> SLURM job id ("report" for the
-    last job). With `wait`, returns once the report is written."""
+    last job), and prints them. With `wait`, returns once the report is written."""
     folder = Path(folder)
     root = experiment_dir(cfg)
     options = dict(slurm_options or {})
@@ -141,6 +142,8 @@ def submit_experiment(cfg: ExperimentConfig, steps: list[Step], folder: str | Pa
     console.print(f"{len(steps) - len(jobs)} steps complete, {len(jobs)} submitted: "
                   f"{len(trains)} train (job array {', '.join(array_ids) or '-'}), {len(others)} dependent jobs; "
                   f"report job {report.job_id}; logs in {folder}", markup=False)
+    for label, job_id in ids.items():
+        console.print(f"{job_id:>12}  {label}", markup=False)
     if wait:
         try:
             console.print(f"report: {report.result()}", markup=False)

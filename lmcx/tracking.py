@@ -59,13 +59,8 @@ class TensorBoardTracker(Tracker):
     """Event files in `<run_dir>/tensorboard/`, written by torch.utils.tensorboard.SummaryWriter."""
 
     def __init__(self, run_dir: str | Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise LmcxError("tracking with tensorboard needs the tensorboard package: pip install "
-                            "'lmcx[tensorboard]' (or track with none)") from None
         self.log_dir = Path(run_dir) / EVENTS_DIR
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self.writer = _summary_writer()(log_dir=str(self.log_dir))
 
     def _scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
         for name, value in values.items():
@@ -87,13 +82,27 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
 
+def _summary_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LmcxError("tracking with tensorboard needs the tensorboard package: pip install "
+                        "'lmcx[tensorboard]' (or track with none)") from None
+    return SummaryWriter
+
+
+def check_tracker(kind: str) -> None:
+    """Refuse an unknown tracker, or one whose package is missing, before any work is done."""
+    if kind not in TRACKERS:
+        raise LmcxError(f"track: {kind!r} is not one of {', '.join(TRACKERS)}")
+    if kind == "tensorboard":
+        _summary_writer()
+
+
 def open_tracker(kind: str, run_dir: str | Path) -> Tracker:
     """The tracker named by `kind` (one of TRACKERS) for a run directory."""
-    if kind == "none":
-        return Tracker()
-    if kind == "tensorboard":
-        return TensorBoardTracker(run_dir)
-    raise LmcxError(f"track: {kind!r} is not one of {', '.join(TRACKERS)}")
+    check_tracker(kind)
+    return TensorBoardTracker(run_dir) if kind == "tensorboard" else Tracker()
 
 
 def _read_csv(path: Path, text: tuple[str, ...] = ()) -> list[dict[str, Any]]:

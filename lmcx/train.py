@@ -9,6 +9,7 @@
   train_state.pt     model + optimiser + scheduler + history after the last finished epoch (for
                      resuming, the default when an interrupted run is re-run); removed once the run
                      is complete
+  tensorboard/       per-epoch and final event files, with `track: tensorboard` (lmcx/tracking.py)
 
 The data order and augmentation of epoch e depend only on (seed, e), so resuming from the state
 after epoch e reproduces an uninterrupted run bit for bit on CPU. The training step never
@@ -20,6 +21,7 @@ import copy
 import math
 import os
 import platform
+import shutil
 import subprocess
 import time
 from contextlib import nullcontext
@@ -32,14 +34,16 @@ import torch.nn.functional as F
 
 from . import __version__, progress, threads
 from .checkpoint import MODEL_FILE, Checkpoint, check_weights, load_train_state, save_checkpoint, save_train_state
+from .collect import FIGURES
 from .config import TrainConfig, TrainJob, to_dict
 from .console import console
 from .data import Dataset, epoch_generator, eval_batches, load_dataset, train_batches
 from .errors import LmcxError, RunFailed
 from .io import write_csv, write_json
+from .tracking import EVENTS_DIR, open_tracker
 
 STATE_FILE = "train_state.pt"
-RUN_OUTPUTS = [MODEL_FILE, "meta.json", "history.csv", "metrics.json", STATE_FILE]
+RUN_OUTPUTS = [MODEL_FILE, "meta.json", "history.csv", "metrics.json", STATE_FILE, EVENTS_DIR]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,21 +163,23 @@ def versions() -> dict[str, str]:
     return {"lmcx": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
-def default_run_dir(job: TrainJob) -> Path:
-    m = job.model
-    arch = m.arch.replace(":", ".")  # a factory's module:callable, without a colon in the path
-    return Path("outputs") / "train" / f"{job.data.name}-{arch}-{m.norm}-w{m.width:g}-s{job.seed}"
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
 
 def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train one model into `run_dir` (see module docstring). Returns the final metrics."""
+    """Train one model into `run_dir` (see module docstring). Returns the final metrics. With `job.track`,
+    the main process also records each epoch's row and the final metrics (lmcx/tracking.py)."""
+    track = job.track if Distributed.from_env().is_main else "none"
+    if track != "none":  # the events are rebuilt from the start: a resumed run replays its history first
+        shutil.rmtree(Path(run_dir) / EVENTS_DIR, ignore_errors=True)
+    with open_tracker(track, run_dir) as tracker:
+        return _train(job, Path(run_dir), resume, tracker)
+
+
+def _train(job: TrainJob, run_dir: Path, resume: bool, tracker) -> dict[str, Any]:
     from .models import build_model
 
-    run_dir = Path(run_dir)
     dist = Distributed.from_env()
     device = resolve_device(job.device, dist)
     cfg = job.train
@@ -217,6 +223,8 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
         check_weights(model.state_dict(), state_path)  # a state holding NaN must not become a finished model
         if dist.is_main:
             console.print(f"resuming {run_dir} after epoch {start_epoch}/{cfg.epochs}")
+        for row in history:
+            tracker.epoch(row["epoch"], row)
 
     net: torch.nn.Module = model
     if dist.world_size > 1:
@@ -268,6 +276,7 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
                 row.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
             row["seconds"] = time.perf_counter() - epoch_start
             history.append(row)
+            tracker.epoch(epoch + 1, row)
             status = f"loss {train_loss:.4f} acc {correct / count:.3f}"
             if "test_accuracy" in row:
                 status += f" test {row['test_accuracy']:.3f}"
@@ -296,6 +305,7 @@ def train(job: TrainJob, run_dir: str | Path, resume: bool = False) -> dict[str,
             "versions": versions(), "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
         write_csv(run_dir / "history.csv", history)
+        tracker.final(FIGURES["train"](metrics))
         write_json(run_dir / "metrics.json", metrics)
         state_path.unlink(missing_ok=True)
     return metrics

@@ -165,3 +165,5 @@ def check_experiment(cfg: Any, p: str) -> None:
                  "list at least two seeds other than the anchor")
         for m in t.methods:
             _require(m in METHODS, f"{p}three_models.methods", f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    _require(isinstance(cfg.slurm, dict) and all(isinstance(k, str) for k in cfg.slurm), f"{p}slurm",
+             "must be a mapping of submitit SlurmExecutor parameters, e.g. slurm: {partition: gpu, time: 120}")

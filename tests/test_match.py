@@ -1,6 +1,7 @@
 """`lmcx match` and `match_checkpoints`: outputs, function preserved, reproducibility, self-matching,
 several B's (anchor, MergeMany), and bad input as one clear line with exit code 2."""
 import json
+import re
 
 import pytest
 import torch
@@ -132,7 +133,8 @@ def test_permuted_checkpoint_computes_the_same_logits(tmp_path, digits):
 def test_default_output_directory(tmp_path, digits, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli("match", "--a", digits / "s0", "--b", digits / "s1" / "model.safetensors").code == 0
-    assert (tmp_path / "outputs" / "match" / "s0--s1-wm" / "metrics.json").is_file()
+    [run] = (tmp_path / "outputs" / "match").iterdir()  # <A-B>-<method>-<hash of the settings> (lmcx/names.py)
+    assert re.fullmatch(r"s0-s1-wm-[0-9a-f]{6}", run.name) and (run / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize("many", ["anchor", "merge-many"])

@@ -2,6 +2,7 @@
 real submission where a SLURM cluster answers (skipped elsewhere): a failed train blocks only what
 needs it, and a re-submission runs only what is missing."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 
 import pytest
 
+from conftest import assert_clean_error
 from lmcx.config import ExperimentConfig, load_config, to_dict
 from lmcx.errors import LmcxError
 from lmcx.experiment import EXPERIMENT_FILE, plan
@@ -123,3 +125,26 @@ def test_real_slurm_failure_blocks_dependents_and_resubmit_completes(tmp_path):
     statuses = _statuses(root)
     assert statuses.pop("train w0.25-s0") == "skipped" and set(statuses.values()) == {"done"}
     assert (root / "report.md").is_file() and (root / "summary.csv").is_file()
+
+
+def test_run_cli_refuses_launcher_mistakes(tmp_path, cli):
+    (tmp_path / "tiny.yaml").write_text(EXPERIMENT)
+    for args, says in [(["--launcher", "pbs"], "--launcher 'pbs': choose local or slurm"),
+                       (["--wait"], "--wait waits for SLURM jobs"),
+                       (["--launcher", "slurm", "--force"], "--force cannot be sent to SLURM jobs"),
+                       (["--launcher", "slurm", "--set", "slurm=gpu"], "slurm: must be a mapping")]:
+        assert_clean_error(cli("run", tmp_path / "tiny.yaml", "--out", tmp_path / "exp", *args), says)
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _slurm_answers(), reason="no SLURM cluster answers here (sbatch / sinfo)")
+def test_real_slurm_through_lmcx_run(tmp_path, cli, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.yaml").write_text(EXPERIMENT)
+    result = cli("run", "tiny.yaml", "--out", "exp", "--launcher", "slurm", "--wait", "--set", "slurm.timeout_min=20")
+    assert result.code == 0, result.err
+    printed = re.findall(r"^ +(\d+(?:_\d+)?)  (.+)$", result.err, re.M)
+    assert {label for _, label in printed} == {s.label for s in plan(_config(tmp_path, "exp"))} | {REPORT}
+    assert set(_statuses(tmp_path / "exp").values()) == {"done"} and (tmp_path / "exp" / "report.md").is_file()

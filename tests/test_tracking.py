@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import SYNTHETIC_TRAIN, write_yaml
+from conftest import REPO, SYNTHETIC_TRAIN, write_yaml
 from lmcx.errors import LmcxError
 from lmcx.tracking import EVENTS_DIR, Tracker, log_finished_run, open_tracker
 
@@ -101,3 +101,62 @@ def test_none_records_nothing_and_bad_choices_are_one_line(tmp_path, monkeypatch
     (tmp_path / "run" / "config.yaml").write_text("train: {epochs: 1}\n")
     with pytest.raises(LmcxError, match="not a finished run"):
         log_finished_run(tmp_path / "run", Tracker())
+
+
+def test_train_and_interpolate_track_tensorboard_from_the_cli(tmp_path, cli):
+    """`--track tensorboard` on digits: per-epoch rows and final figures of training, the curves and
+    barriers of an interpolation, read back with TensorBoard's reader; `track` never makes a run stale."""
+    pytest.importorskip("tensorboard")
+    runs = {}
+    for seed in (0, 1):
+        runs[seed] = tmp_path / f"s{seed}"
+        result = cli("train", "-c", REPO / "configs" / "digits_mlp.yaml", "--epochs", "2", "--seed", seed,
+                     "--width", "0.25", "--device", "cpu", "--out", runs[seed], "--track", "tensorboard")
+        assert result.code == 0, result.err
+    events = _read_events(runs[0])
+    with open(runs[0] / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    _close(events["train/train_loss"], [(int(r["epoch"]), float(r["train_loss"])) for r in history])
+    assert [s for s, _ in events["train/test_accuracy"]] == [1, 2]
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    _close(events["final/test_accuracy"], [(0, metrics["test_accuracy"])])
+    again = cli("train", "-c", REPO / "configs" / "digits_mlp.yaml", "--epochs", "2", "--width", "0.25",
+                "--device", "cpu", "--out", runs[0])  # tracking off now: still the same run
+    assert again.code == 0 and "already complete" in again.err
+
+    curve = tmp_path / "curve"
+    result = cli("interpolate", "--a", runs[0], "--b", runs[1], "--points", "5", "--set", "train_eval_size=200",
+                 "--device", "cpu", "--out", curve, "--track", "tensorboard")
+    assert result.code == 0, result.err
+    events = _read_events(curve)
+    with open(curve / "curve.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
+    _close(events["interpolate/naive/train/accuracy"], [(round(1000 * float(r["lambda"])), float(r["accuracy"]))
+                                                        for r in rows])
+    test = json.loads((curve / "barrier.json").read_text())["results"]["naive"]["test"]
+    _close(events["final/loss_barrier_naive"], [(0, test["raw"]["loss_barrier"])])
+
+
+def test_resumed_training_tracks_each_epoch_once(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    import lmcx.train as training
+    from lmcx.config import TrainJob, load_config
+
+    job = load_config(TrainJob, write_yaml(tmp_path / "train.yaml", SYNTHETIC_TRAIN),  # 3 epochs
+                      [{"track": "tensorboard", "device": "cpu"}])
+    save, saved = training.save_train_state, []
+
+    def save_then_stop(path, state):  # as if killed right after the second epoch's state was saved
+        save(path, state)
+        saved.append(state["epoch"])
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_train_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(job, tmp_path / "run")
+    monkeypatch.setattr(training, "save_train_state", save)
+    training.train(job, tmp_path / "run", resume=True)
+    events = _read_events(tmp_path / "run")
+    assert [step for step, _ in events["train/train_loss"]] == [1, 2, 3]
+    assert [step for step, _ in events["final/test_accuracy"]] == [0]

@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import (BPermutedOption, ConfigOption, DeviceOption, ForceOption, ModelAOption, OutOption, PermOption,
-                  SetOption, app, overrides, pair_tag, step_ran)
+from ..config import SvdConfig
+from .app import (OFF, BPermutedOption, ConfigOption, DeviceOption, ForceOption, ModelAOption, PermOption, app,
+                  key_default, out_option, overrides, set_option, step_ran)
 
 
 @app.command("analyze-svd")
@@ -17,11 +18,13 @@ def analyze_svd(
     perm: PermOption = None,
     b_permuted: BPermutedOption = None,
     gamma: Annotated[Optional[list[float]], typer.Option(
-        "--gamma", help="γ of R(γ): top-k with s_i/s_1 >= γ (repeatable; default 0 and 0.3).")] = None,
-    weighted: Annotated[bool, typer.Option("--weighted", help="Also report the singular-value-weighted R_w(γ).")] = False,
+        "--gamma", show_default=key_default(SvdConfig, "gammas"),
+        help="γ of R(γ): top-k with s_i/s_1 >= γ (repeatable).")] = None,
+    weighted: Annotated[bool, typer.Option(
+        "--weighted", show_default=OFF, help="Also report the singular-value-weighted R_w(γ).")] = False,
     config: ConfigOption = None,
-    set_: SetOption = None,
-    out: OutOption = None,
+    set_: set_option("wm_max_iter=50") = None,
+    out: out_option("outputs/svd/<A-B>-<hash>") = None,
     device: DeviceOption = None,
     force: ForceOption = False,
 ) -> None:
@@ -32,21 +35,26 @@ def analyze_svd(
     here. Writes svd.csv, svd_spectra.png, svd_alignment.png and svd.json (last). A config file holds
     SvdConfig keys (gammas, weighted, wm_seed, wm_max_iter).
 
-    Example: lmcx analyze-svd --a outputs/train/a --b outputs/train/b --perm outputs/match/perm.json
+    Example, with the models of the README's train and match examples:
+
+    \b
+    lmcx analyze-svd --a runs/s0 --b runs/s1 --perm runs/wm/permutation.json
     """
-    from ..analysis.pair import check_permutation_source
+    from ..config import load_config, to_dict
+
+    cfg = load_config(SvdConfig, config, overrides({"gammas": list(gamma) if gamma else None,
+                                                    "weighted": True if weighted else None}, set_))
+    from ..analysis.pair import check_permutation_source  # only now: torch loads here, a config error needs none
     from ..analysis.svd import SVD_OUTPUTS, analyze_svd_checkpoints
-    from ..config import SvdConfig, load_config, to_dict
     from ..console import console
+    from ..names import svd_dir
     from ..rundir import run_once
 
     check_permutation_source(perm, b_permuted)  # before run_once creates the run directory
-    cfg = load_config(SvdConfig, config, overrides({"gammas": list(gamma) if gamma else None,
-                                                    "weighted": True if weighted else None}, set_))
-    run_dir = out or Path("outputs") / "svd" / pair_tag(a, b)
     resolved = {"a": str(a), "b": str(b), "perm": str(perm) if perm else None,
                 "b_permuted": str(b_permuted) if b_permuted else None, "svd": to_dict(cfg),
                 "device": device or "auto"}
+    run_dir = out or svd_dir(a, b, resolved)
     result: dict = {}
     status = run_once(run_dir, resolved, SVD_OUTPUTS, lambda: result.update(analyze_svd_checkpoints(
         a, b, cfg, run_dir, perm_path=perm, b_permuted_path=b_permuted, device=device or "auto")),

@@ -8,8 +8,9 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..config import nested, parse_override
+from ..config import nested, parse_override, to_dict
 
+OFF = "off"  # the default shown for a flag
 GLOBAL_OPTIONS = {"--threads": 1, "--quiet": 0, "-q": 0, "--trust-code": 1}  # root options, how many values each takes
 
 
@@ -43,6 +44,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -55,16 +57,16 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, show_default=OFF,
                                           help="Print the version and exit.")] = False,
     threads: Annotated[Optional[str], typer.Option(
-        "--threads", metavar="N|auto",
+        "--threads", metavar="N|auto", show_default="auto",
         help="CPU threads for PyTorch (else $LMCX_THREADS, else OMP_NUM_THREADS if set, else auto: the cores "
              "other processes leave free, 1 for small models). Also accepted after the subcommand.")] = None,
     quiet: Annotated[bool, typer.Option(
-        "--quiet", "-q", help="No progress bars or progress lines (also $LMCX_QUIET=1); results and errors still print.")] = False,
+        "--quiet", "-q", show_default=OFF, help="No progress bars or progress lines (also $LMCX_QUIET=1); results and errors still print.")] = False,
     trust_code: Annotated[Optional[list[str]], typer.Option(
-        "--trust-code", metavar="MODULE",
+        "--trust-code", metavar="MODULE", show_default="none",
         help="Allow checkpoints whose model.arch is MODULE:callable (your own model factory) to import MODULE, "
              "i.e. run its code (repeatable; also $LMCX_TRUST_CODE=MODULE,...). Also accepted after the subcommand.")] = None,
 ) -> None:
@@ -78,25 +80,45 @@ def root(
     allow_modules(*(trust_code or []))
 
 
-# Options shared by subcommands: YAML first, then these flags, then --set.
-ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
-SetOption = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Override any config key, e.g. --set train.lr=0.1 (repeatable).")]
-OutOption = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory.")]
-DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
+# Options shared by subcommands: YAML first, then these flags, then --set. Every option shows its default;
+# a flag that stands for a config key shows the key and its built-in default (a -c file may change it).
+
+
+def key_default(cls: type, key: str) -> str:
+    """`key = value` of a dotted config key's built-in default, for show_default."""
+    value: Any = to_dict(cls())
+    for part in key.split("."):
+        value = value[part]
+    return f"{key} = {value:g}" if isinstance(value, float) else f"{key} = {value}"
+
+
+def set_option(example: str):
+    """--set, with an example key of the command's own config."""
+    return Annotated[Optional[list[str]], typer.Option(
+        "--set", show_default="none", help=f"Override any config key (repeatable), e.g. --set {example}.")]
+
+
+def out_option(default: str):
+    """--out, showing the command's default directory (README, Outputs)."""
+    return Annotated[Optional[Path], typer.Option("--out", "-o", show_default=default, help="Output directory.")]
+
+
+ConfigOption = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", show_default="none: built-in defaults", help="YAML config file.")]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", show_default="auto", help="auto | cpu | cuda | cuda:N.")]
 DataRootOption = Annotated[Optional[Path], typer.Option(
-    "--data-root", help="Where datasets live (else $LMCX_DATA_ROOT, else ~/.cache/lmcx/data).")]
-ForceOption = Annotated[bool, typer.Option("--force", help="Redo the step even if its outputs are complete.")]
+    "--data-root", show_default="data.root, else $LMCX_DATA_ROOT, else ~/.cache/lmcx/data",
+    help="Where datasets live.")]
+ForceOption = Annotated[bool, typer.Option("--force", show_default=OFF,
+                                           help="Redo the step even if its outputs are complete.")]
+TrackOption = Annotated[Optional[str], typer.Option(
+    "--track", show_default="track = none",
+    help="none | tensorboard: event files in <run>/tensorboard/ (pip install 'lmcx[tensorboard]').")]
 ModelAOption = Annotated[Path, typer.Option("--a", help="Model A: model.safetensors or a run directory.")]
-PermOption = Annotated[Optional[Path], typer.Option("--perm", help="Permutation file applied to B (lmcx match).")]
-BPermutedOption = Annotated[Optional[Path], typer.Option("--b-permuted", help="Already permuted checkpoint of B.")]
-
-
-def pair_tag(a: Path, b: Path) -> str:
-    """`<run of A>-vs-<run of B>` for default output directories."""
-    from ..checkpoint import run_name
-
-    return f"{run_name(a)}-vs-{run_name(b)}"
+PermOption = Annotated[Optional[Path], typer.Option(
+    "--perm", show_default="none", help="Permutation file applied to B (lmcx match).")]
+BPermutedOption = Annotated[Optional[Path], typer.Option(
+    "--b-permuted", show_default="none", help="Already permuted checkpoint of B.")]
 
 
 def step_ran(run_dir: Path, status: str) -> bool:

@@ -19,7 +19,12 @@ def calibrate(
     """Fit a temperature T per model (each endpoint and each θ(λ)) on the held-out calibration split and
     rewrite curve.csv (temperature, calibrated_loss), curve.png (calibrated loss dashed) and barrier.json
     (calibrated barriers). Uses the cached logits; the calibration split's logits are computed once if
-    the cache lacks them. Example: lmcx calibrate outputs/interpolate/a--b
+    the cache lacks them.
+
+    Example, on the curve of the README's interpolate example:
+
+    \b
+    lmcx calibrate runs/curve
     """
     from ..console import console
     from ..errors import LmcxError

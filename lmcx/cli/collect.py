@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .app import app
+from .app import OFF, app
 
 
 def _cell(value: Any, base: str) -> str:
@@ -33,8 +33,10 @@ def _plain(columns: list[str], cells: list[list[str]]) -> str:
 def collect(
     paths: Annotated[list[Path], typer.Argument(help="Folders to search: run directories, experiments, or any "
                                                      "folder above them.")],
-    csv: Annotated[Optional[Path], typer.Option("--csv", help="Also write every row to this CSV file.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON records instead of the table.")] = False,
+    csv: Annotated[Optional[Path], typer.Option(
+        "--csv", show_default="none", help="Also write every row to this CSV file.")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", show_default=OFF, help="Print the rows as JSON records instead of the table.")] = False,
 ) -> None:
     """One row per run below PATHS (train, match, interpolate, svd, lewc, experiments): kind, status, the
     settings that differ between rows, headline figures (test accuracy, L2 before/after, loss and accuracy
@@ -42,7 +44,10 @@ def collect(
 
     For pandas: pandas.read_csv("runs.csv") or pandas.read_json(output of --json).
 
-    Example: lmcx collect outputs --csv runs.csv
+    Example, after the README's examples:
+
+    \b
+    lmcx collect outputs runs --csv runs.csv
     """
     import json
 

@@ -13,11 +13,17 @@ from .app import DataRootOption, DeviceOption, app
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Argument(help="model.safetensors or a run directory.")],
-    split: Annotated[str, typer.Option(help="train | calib | test.")] = "test",
+    split: Annotated[str, typer.Option(help="train | calib | test (calib: the held-out calibration split).")] = "test",
     device: DeviceOption = None,
     data_root: DataRootOption = None,
 ) -> None:
-    """Print a checkpoint's loss and accuracy as JSON. Example: lmcx evaluate outputs/train/digits-mlp-none-w1-s0"""
+    """Print a checkpoint's loss and accuracy as JSON.
+
+    Example, on a model of the README's train examples:
+
+    \b
+    lmcx evaluate runs/s0 --split test
+    """
     from ..checkpoint import build_from_checkpoint, check_dataset_fits, load_checkpoint
     from ..data import load_dataset
     from ..errors import LmcxError

@@ -37,17 +37,19 @@ def import_weights(
     """
     from ..config import TrainJob, load_config
     from ..console import console
-    from ..import_weights import IMPORT_OUTPUTS, default_run_dir, import_settings, with_model_norm
+    from ..import_weights import IMPORT_OUTPUTS, import_settings, with_model_norm
     from ..import_weights import import_weights as run_import
     from ..io import read_json
+    from ..names import import_dir
     from ..rundir import run_once
 
     job = with_model_norm(load_config(TrainJob, config, overrides(
         {"model.arch": arch, "model.width": width, "data.name": dataset, "data.root": data_root, "device": device},
         set_)))
-    run_dir = out or default_run_dir(job, weights)
+    settings = import_settings(job, weights, key, strip_prefix)
+    run_dir = out or import_dir(job, weights, settings)
     metrics: dict = {}
-    status = run_once(run_dir, import_settings(job, weights, key, strip_prefix), IMPORT_OUTPUTS,
+    status = run_once(run_dir, settings, IMPORT_OUTPUTS,
                       lambda: metrics.update(run_import(job, weights, run_dir, key, strip_prefix)), force=force)
     if step_ran(run_dir, status) or status == "skipped":
         metrics = metrics or read_json(Path(run_dir) / "metrics.json")

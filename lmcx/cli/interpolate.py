@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import (ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOption, SetOption, app, overrides,
-                  step_ran)
+from ..config import InterpolateConfig
+from .app import (OFF, ConfigOption, DataRootOption, DeviceOption, ForceOption, TrackOption, app, key_default,
+                  out_option, overrides, set_option, step_ran)
 
 
 def _default_label(b: Path, perm: str | None) -> str:
@@ -49,20 +50,25 @@ def interpolate(
     b: Annotated[list[Path], typer.Option(
         "--b", help="Model B (λ = 1); repeatable: one curve per --b, all against A, on one plot.")],
     label: Annotated[Optional[list[str]], typer.Option(
-        "--label", help="Name of each --b's curve, in order (naive, wm, am, ste get fixed colours).")] = None,
+        "--label", show_default="naive, or the method that permuted B",
+        help="Name of each --b's curve, in order (naive, wm, am, ste get fixed colours).")] = None,
     perm: Annotated[Optional[list[str]], typer.Option(
-        "--perm", help="Permutation file (lmcx match) applied to B on the fly; one per --b, in order, "
-                       "`none` for a B used as it is.")] = None,
-    points: Annotated[Optional[int], typer.Option("--points", help="Evenly spaced λ in [0, 1] (points).")] = None,
+        "--perm", show_default="none", help="Permutation file (lmcx match) applied to B on the fly; one per --b, "
+                                            "in order, `none` for a B used as it is.")] = None,
+    points: Annotated[Optional[int], typer.Option(
+        "--points", show_default=key_default(InterpolateConfig, "points"), help="Evenly spaced λ in [0, 1].")] = None,
     norm_fix: Annotated[Optional[str], typer.Option(
-        "--norm-fix", help="auto | reset | repair | none (auto: reset for BN models, else none).")] = None,
+        "--norm-fix", show_default=key_default(InterpolateConfig, "norm_fix"),
+        help="auto | reset | repair | none (auto: reset for BN models, else none).")] = None,
     calibrate: Annotated[bool, typer.Option(
-        "--calibrate", help="Also fit a temperature per model on the calibration split (see lmcx calibrate).")] = False,
+        "--calibrate", show_default=OFF,
+        help="Also fit a temperature per model on the calibration split (see lmcx calibrate).")] = False,
     config: ConfigOption = None,
-    set_: SetOption = None,
-    out: OutOption = None,
+    set_: set_option("points=11") = None,
+    out: out_option("outputs/interpolate/<A-B>-<labels>[-<norm fix>]-<hash>") = None,
     device: DeviceOption = None,
     data_root: DataRootOption = None,
+    track: TrackOption = None,
     force: ForceOption = False,
 ) -> None:
     """Interpolate A with each B: loss and accuracy barriers on test and train, raw and calibrated.
@@ -72,20 +78,18 @@ def interpolate(
     norm_fix, train_eval_size, norm_fix_batches, norm_fix_batch_size, eval_batch_size, precision,
     calibrate); --set lambdas=[0,0.25,0.5,0.75,1] gives an explicit grid.
 
-    Example: lmcx interpolate --a outputs/train/a --b outputs/train/b --b outputs/train/b
-    --perm none --perm outputs/match/wm/permutation.json --label naive --label wm --calibrate
+    Example, with the models of the README's train and match examples (labels: naive, and wm from the
+    permuted checkpoint):
+
+    \b
+    lmcx interpolate --a runs/s0 --b runs/s1 --b runs/wm/permuted.safetensors
     """
-    from ..config import InterpolateConfig, load_config, to_dict
-    from ..checkpoint import run_name
-    from ..console import console
+    from ..config import load_config, to_dict
     from ..errors import LmcxError
-    from ..interpolate import (OUTPUTS, calibrate_dir, interpolate_checkpoints, is_calibrated,
-                               summary_lines)
-    from ..io import read_json
-    from ..rundir import check_settings, claim, is_complete, run_once
 
     cfg = load_config(InterpolateConfig, config, overrides(
         {"points": points, "norm_fix": norm_fix, "calibrate": True if calibrate else None}, set_))
+    track = track or "none"
     perms: list[str | None] | None = None
     if perm:
         if len(perm) != len(b):
@@ -95,26 +99,33 @@ def interpolate(
     if label and len(label) != len(b):
         raise LmcxError(f"{len(b)} --b but {len(label)} --label; give one --label per --b, in order")
     labels = list(label) if label else _unique([_default_label(bb, p) for bb, p in zip(b, perms or [None] * len(b))])
-    run_dir = out or Path("outputs") / "interpolate" / f"{run_name(a)}--{run_name(b[0])}"
     resolved = {"interpolate": to_dict(cfg), "a": str(a), "b": [str(x) for x in b], "labels": labels,
                 **({"perms": perms} if perms and any(perms) else {}),
-                "device": device or "auto", "data": {"root": str(data_root) if data_root else None}}
+                "device": device or "auto", "data": {"root": str(data_root) if data_root else None}, "track": track}
+    # calibration only adds to a finished curve, so `calibrate` alone never makes it stale (or renames it)
+    stays = {"interpolate.calibrate"}
+    from ..console import console  # only now: torch loads below, and bad input needs none of it
+    from ..interpolate import OUTPUTS, calibrate_dir, interpolate_checkpoints, is_calibrated, summary_lines
+    from ..io import read_json
+    from ..names import interpolate_dir
+    from ..rundir import check_settings, claim, is_complete, run_once
+
+    run_dir = out or interpolate_dir(a, b[0], labels, cfg.norm_fix, resolved, ignore=stays)
 
     result: dict = {}
     if not force and is_complete(run_dir, "barrier.json"):
-        # A finished curve: calibration only adds to it, so `calibrate` alone never makes it stale.
-        check_settings(run_dir, resolved, ignore={"interpolate.calibrate"})
+        check_settings(run_dir, resolved, ignore=stays)
         status = "skipped"
         if cfg.calibrate and not is_calibrated(run_dir):  # calibrate it in place from its cached logits
             with claim(run_dir) as claimed:
                 if not claimed:
                     status = "busy"
                 else:
-                    result = calibrate_dir(run_dir, device or "auto", data_root)
+                    result = calibrate_dir(run_dir, device or "auto", data_root, track)
                     status = "calibrated"
     else:
         status = run_once(run_dir, resolved, OUTPUTS, lambda: result.update(interpolate_checkpoints(
-            a, list(b), labels, cfg, run_dir, device or "auto", perms, data_root)), force=force,
+            a, list(b), labels, cfg, run_dir, device or "auto", perms, data_root, track)), force=force,
             marker="barrier.json")
     if status == "busy":
         step_ran(run_dir, status)

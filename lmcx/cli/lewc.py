@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import (BPermutedOption, ConfigOption, DataRootOption, DeviceOption, ForceOption, ModelAOption, OutOption,
-                  PermOption, SetOption, app, overrides, pair_tag, step_ran)
+from ..config import LewcConfig
+from .app import (BPermutedOption, ConfigOption, DataRootOption, DeviceOption, ForceOption, ModelAOption, PermOption,
+                  app, key_default, out_option, overrides, set_option, step_ran)
 
 
 @app.command("lewc")
@@ -17,12 +18,14 @@ def lewc(
     perm: PermOption = None,
     b_permuted: BPermutedOption = None,
     lambda_: Annotated[Optional[list[float]], typer.Option(
-        "--lambda", help="λ of θ(λ) = (1−λ)θ_A + λθ_B (repeatable; default 0.25 0.5 0.75).")] = None,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="First N test images (lewc.samples).")] = None,
+        "--lambda", show_default=key_default(LewcConfig, "lambdas"),
+        help="λ of θ(λ) = (1−λ)θ_A + λθ_B (repeatable).")] = None,
+    samples: Annotated[Optional[int], typer.Option(
+        "--samples", show_default=key_default(LewcConfig, "samples"), help="The first N test images.")] = None,
     norm_fix: Annotated[str, typer.Option("--norm-fix", help="auto | reset | repair | none (auto: reset for BN).")] = "auto",
     config: ConfigOption = None,
-    set_: SetOption = None,
-    out: OutOption = None,
+    set_: set_option("batch_size=100") = None,
+    out: out_option("outputs/lewc/<A-B>-<naive | permuted>-<hash>") = None,
     device: DeviceOption = None,
     data_root: DataRootOption = None,
     force: ForceOption = False,
@@ -34,25 +37,31 @@ def lewc(
     Writes lewc.csv, lewc_cosine.png, lewc_coefficients.png and lewc.json (last). A config file holds
     LewcConfig keys (lambdas, samples, batch_size, norm_fix_batches, norm_fix_batch_size).
 
-    Example: lmcx lewc --a outputs/train/a --b outputs/train/b --lambda 0.25 --lambda 0.5 --lambda 0.75
+    Examples, with the models of the README's train and match examples:
+
+    \b
+    lmcx lewc --a runs/s0 --b runs/s1
+    lmcx lewc --a runs/s0 --b runs/s1 --perm runs/wm/permutation.json --lambda 0.5
     """
-    from ..analysis.lewc_run import LEWC_OUTPUTS, lewc_checkpoints
+    from ..config import load_config, to_dict
+
+    cfg = load_config(LewcConfig, config, overrides({"lambdas": list(lambda_) if lambda_ else None,
+                                                     "samples": samples}, set_))
+    from ..analysis.lewc_run import LEWC_OUTPUTS, lewc_checkpoints  # only now: torch loads here
     from ..analysis.pair import check_permutation_source
-    from ..config import LewcConfig, load_config, to_dict
     from ..console import console
     from ..interpolate import check_norm_fix
+    from ..names import lewc_dir
     from ..rundir import run_once
 
     check_permutation_source(perm, b_permuted)  # before run_once creates the run directory
     check_norm_fix(norm_fix, "--norm-fix")
-    cfg = load_config(LewcConfig, config, overrides({"lambdas": list(lambda_) if lambda_ else None,
-                                                     "samples": samples}, set_))
     permuted = perm is not None or b_permuted is not None
-    run_dir = out or Path("outputs") / "lewc" / f"{pair_tag(a, b)}-{'permuted' if permuted else 'naive'}"
     resolved = {"a": str(a), "b": str(b), "perm": str(perm) if perm else None,
                 "b_permuted": str(b_permuted) if b_permuted else None, "norm_fix": norm_fix,
                 "lewc": to_dict(cfg), "device": device or "auto",
                 "data": {"root": str(data_root) if data_root else None}}
+    run_dir = out or lewc_dir(a, b, permuted, resolved)
     result: dict = {}
     status = run_once(run_dir, resolved, LEWC_OUTPUTS, lambda: result.update(lewc_checkpoints(
         a, b, cfg, run_dir, perm_path=perm, b_permuted_path=b_permuted, norm_fix=norm_fix,

@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import (ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOption, SetOption, app,
-                  overrides, step_ran)
+from ..config import MatchConfig
+from .app import (ConfigOption, DataRootOption, DeviceOption, ForceOption, app, key_default, out_option, overrides,
+                  set_option, step_ran)
 
 
 @app.command("match")
@@ -16,14 +17,19 @@ def match(
     b: Annotated[list[Path], typer.Option(
         "--b", help="Model B to permute into A's frame; repeatable (several B's: see --many).")],
     method: Annotated[Optional[str], typer.Option(
-        "--method", help="wm (weight matching) | am (activation matching) | ste (straight-through estimator).")] = None,
+        "--method", show_default=key_default(MatchConfig, "method"),
+        help="wm (weight matching) | am (activation matching) | ste (straight-through estimator).")] = None,
     many: Annotated[Optional[str], typer.Option(
-        "--many", help="With several --b: anchor (each B matched to A) | merge-many (MergeMany, wm only).")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the sweep orders (and STE's batches).")] = None,
-    max_iter: Annotated[Optional[int], typer.Option("--max-iter", help="Weight matching sweeps at most.")] = None,
+        "--many", show_default=key_default(MatchConfig, "many"),
+        help="With several --b: anchor (each B matched to A) | merge-many (MergeMany, wm only).")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", show_default=key_default(MatchConfig, "seed"),
+        help="Seed of the sweep orders (and STE's batches).")] = None,
+    max_iter: Annotated[Optional[int], typer.Option(
+        "--max-iter", show_default=key_default(MatchConfig, "max_iter"), help="Weight matching sweeps at most.")] = None,
     config: ConfigOption = None,
-    set_: SetOption = None,
-    out: OutOption = None,
+    set_: set_option("ste.epochs=1") = None,
+    out: out_option("outputs/match/<A-B>-<method>-<hash>") = None,
     device: DeviceOption = None,
     data_root: DataRootOption = None,
     force: ForceOption = False,
@@ -32,22 +38,28 @@ def match(
     config.yaml and metrics.json (last); with several --b, b1/, b2/, ... each holding the first two.
 
     A config file holds MatchConfig keys (method, seed, max_iter, am_samples, am_batch_size, many,
-    ste: {epochs, lr, batch_size, eval_samples, eval_every}); e.g. --set ste.epochs=1.
-    am and ste read the training data of A's dataset; wm needs only the weights.
+    ste: {epochs, lr, batch_size, eval_samples, eval_every}). am and ste read the training data of A's
+    dataset; wm needs only the weights.
 
-    Example: lmcx match --method wm --a outputs/train/s0 --b outputs/train/s1
+    Examples, with the models of the README's train examples:
+
+    \b
+    lmcx match --a runs/s0 --b runs/s1 --out runs/wm
+    lmcx match --method ste --a runs/s0 --b runs/s1 --set ste.epochs=1
     """
-    from ..config import MatchConfig, load_config, to_dict
-    from ..console import console
-    from ..io import read_json
-    from ..match import METRICS_FILE, default_out_dir, match_checkpoints, match_outputs, summary_lines
-    from ..rundir import run_once
+    from ..config import load_config, to_dict
 
     cfg = load_config(MatchConfig, config, overrides(
         {"method": method, "many": many, "seed": seed, "max_iter": max_iter}, set_))
-    run_dir = out or default_out_dir(a, b, cfg)
+    from ..console import console  # only now: torch loads below, and a config error needs none of it
+    from ..io import read_json
+    from ..match import METRICS_FILE, match_checkpoints, match_outputs, summary_lines
+    from ..names import match_dir
+    from ..rundir import run_once
+
     resolved = {"match": to_dict(cfg), "a": str(a), "b": [str(x) for x in b], "device": device or "auto",
                 "data": {"root": str(data_root) if data_root else None}}
+    run_dir = out or match_dir(a, b, cfg, resolved)
     result: dict = {}
     status = run_once(run_dir, resolved, match_outputs(len(b)), lambda: result.update(match_checkpoints(
         a, list(b), cfg, run_dir, device or "auto", data_root)), force=force, marker=METRICS_FILE)

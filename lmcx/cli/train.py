@@ -6,44 +6,60 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import (ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOption, SetOption, app,
-                  overrides, step_ran)
+from ..config import TrainJob
+from .app import (OFF, ConfigOption, DataRootOption, DeviceOption, ForceOption, TrackOption, app, key_default,
+                  out_option, overrides, set_option, step_ran)
 
 
 @app.command()
 def train(
     config: ConfigOption = None,
-    width: Annotated[Optional[float], typer.Option(help="Width multiplier (model.width).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (init, data order, augmentation).")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="mlp | vgg11 | vgg16 | resnet20 (model.arch).")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Dataset name (data.name).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (train.epochs).")] = None,
+    width: Annotated[Optional[float], typer.Option(
+        help="Width multiplier.", show_default=key_default(TrainJob, "model.width"))] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Random seed (init, data order, augmentation).", show_default=key_default(TrainJob, "seed"))] = None,
+    arch: Annotated[Optional[str], typer.Option(
+        help="mlp | vgg11 | vgg16 | resnet20.", show_default=key_default(TrainJob, "model.arch"))] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Dataset name (README, Datasets).", show_default=key_default(TrainJob, "data.name"))] = None,
+    epochs: Annotated[Optional[int], typer.Option(
+        help="Training epochs.", show_default=key_default(TrainJob, "train.epochs"))] = None,
     device: DeviceOption = None,
     data_root: DataRootOption = None,
-    out: OutOption = None,
-    set_: SetOption = None,
+    out: out_option("outputs/train/<dataset>-<arch>-<norm>-w<width>-s<seed>-<hash>") = None,
+    set_: set_option("train.lr=0.1") = None,
+    track: TrackOption = None,
     force: ForceOption = False,
-    resume: Annotated[bool, typer.Option("--resume", help=(
+    resume: Annotated[bool, typer.Option("--resume", show_default=OFF, help=(
         "Continue an interrupted run from its last epoch: the default whenever its settings match "
         "(kept for scripts); --force starts over instead."))] = False,
 ) -> None:
     """Train a model. Writes model.safetensors, meta.json, history.csv, config.yaml, metrics.json.
 
-    Re-running a finished run skips it; an interrupted one resumes after its last finished epoch.
-    Example: lmcx train -c configs/digits_mlp.yaml --width 2 --seed 1
+    Re-running a finished run skips it; an interrupted one resumes after its last finished epoch. Without
+    -c the built-in defaults train a batch-normalised MLP on the bundled digits (1237 training images
+    after the calibration split, data.calib_size = 200); train.batch_size must not exceed the training set.
+
+    Examples (the second from the repository root, which holds configs/):
+
+    \b
+    lmcx train --epochs 2 --out runs/try
+    lmcx train -c configs/digits_mlp.yaml --seed 1 --out runs/s1
     """
-    from ..config import TrainJob, load_config
-    from ..console import console
+    from ..config import load_config
     from ..errors import LmcxError
-    from ..train import default_run_dir, train_run
 
     if force and resume:
         raise LmcxError("--force starts the run over and --resume continues it; pass one of them")
 
     job = load_config(TrainJob, config, overrides(
         {"model.width": width, "seed": seed, "model.arch": arch, "data.name": dataset, "train.epochs": epochs,
-         "device": device, "data.root": data_root, "out": out}, set_))
-    run_dir = Path(job.out) if job.out else default_run_dir(job)
+         "device": device, "data.root": data_root, "out": out, "track": track}, set_))
+    from ..console import console  # only now: torch loads below, and a config error needs none of it
+    from ..names import train_dir
+    from ..train import train_run
+
+    run_dir = Path(job.out) if job.out else train_dir(job)
     result, metrics = train_run(job, run_dir, force=force)
     if result != "worker" and step_ran(run_dir, result):
         console.print(f"{run_dir}: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}")

@@ -6,6 +6,7 @@ Outputs in the output directory:
   curve.csv           label, lambda, split, loss, accuracy (+ temperature, calibrated_loss once calibrated;
                       calibrated runs add the `calib` split's rows)
   curve.png           loss and accuracy against λ, test and train, one colour per label
+  tensorboard/        the curves and barriers as TensorBoard events, with track: tensorboard (tracking.py)
   config.yaml         the resolved settings (written by the caller's run directory logic when present)
   barrier.json        written last (the completeness marker): settings actually used and, per label
                       and split, `raw` and `calibrated` barriers (see `barrier.barrier_metrics`)
@@ -35,13 +36,14 @@ from torch import nn
 from ..config import InterpolateConfig, to_dict
 from ..errors import LmcxError
 from ..io import read_json, write_csv, write_json, write_yaml
+from ..tracking import EVENTS_DIR, check_tracker, open_tracker
 from .barrier import summarize
 from .curves import CURVE_SPLITS, LOGITS_FILE, Curves, evaluate_curves, load_curves, save_curves
 from .norm_fix import NORM_FIX_NOTES, resolve_norm_fix
 from .path import LAMBDA_CONVENTION, lambda_grid
 
 BARRIER_FILE = "barrier.json"
-OUTPUTS = [BARRIER_FILE, "curve.csv", "curve.png", LOGITS_FILE]
+OUTPUTS = [BARRIER_FILE, "curve.csv", "curve.png", LOGITS_FILE, EVENTS_DIR]
 
 
 def fit_temperatures(curves: Curves, split: str = "calib") -> dict[str, list[float]]:
@@ -61,8 +63,10 @@ def _title(settings: dict[str, Any]) -> str:
 
 
 def write_outputs(out_dir: Path, curves: Curves, settings: dict[str, Any],
-                  temperatures: dict[str, list[float]] | None) -> dict[str, Any]:
-    """curve.csv, curve.png, then barrier.json (last). Returns the barrier dict."""
+                  temperatures: dict[str, list[float]] | None, track: str = "none") -> dict[str, Any]:
+    """curve.csv, curve.png, the tracker's events (`track`: lmcx/tracking.py), then barrier.json (last).
+    Returns the barrier dict."""
+    from ..collect import FIGURES
     from ..plots import plot_interpolation
 
     rows, results, series = summarize(curves, temperatures)
@@ -70,6 +74,12 @@ def write_outputs(out_dir: Path, curves: Curves, settings: dict[str, Any],
     plot_interpolation(curves.lambdas, series, out_dir / "curve.png", title=_title(settings),
                        splits=[s for s in CURVE_SPLITS if s in curves.targets])
     barrier = {**settings, "results": results}
+    if track != "none":  # a recalibration adds an events file: the earlier ones stay, the finished run lists them
+        with open_tracker(track, out_dir) as tracker:
+            for label, splits in series.items():
+                for split, values in splits.items():
+                    tracker.curve(label, split, curves.lambdas, values)
+            tracker.final(FIGURES["interpolate"](barrier))
     write_json(out_dir / BARRIER_FILE, barrier)
     return barrier
 
@@ -109,7 +119,8 @@ def _check_lists(b_paths: Sequence, labels: Sequence[str], perms: Sequence | Non
 
 
 def interpolate_checkpoints(a_path, b_paths: list, labels: list[str], cfg: InterpolateConfig, out_dir,
-                            device: str = "auto", perms: list | None = None, data_root=None) -> dict[str, Any]:
+                            device: str = "auto", perms: list | None = None, data_root=None,
+                            track: str = "none") -> dict[str, Any]:
     """Interpolate checkpoint A with each B (optionally permuted by its permutation file), evaluate every
     θ(λ), optionally calibrate, and write the outputs (module docstring) into `out_dir`. Returns the
     barrier dict (the content of barrier.json). Does not skip or lock: callers use `rundir.run_once`."""
@@ -117,6 +128,7 @@ def interpolate_checkpoints(a_path, b_paths: list, labels: list[str], cfg: Inter
     from ..train import resolve_device
 
     started = time.perf_counter()
+    check_tracker(track)
     out_dir = Path(out_dir)
     labels = [str(x) for x in labels]
     perms = None if perms is None or all(p is None for p in perms) else list(perms)
@@ -167,7 +179,7 @@ def interpolate_checkpoints(a_path, b_paths: list, labels: list[str], cfg: Inter
         temperatures, settings["calibration"] = _calibrate(curves)
     save_curves(out_dir / LOGITS_FILE, curves, {"norm_fix": norm_fix})
     settings["timing"]["total_seconds"] = time.perf_counter() - started
-    return write_outputs(out_dir, curves, settings, temperatures)
+    return write_outputs(out_dir, curves, settings, temperatures, track)
 
 
 def _calibrate(curves: Curves) -> tuple[dict[str, list[float]], dict[str, Any]]:
@@ -180,7 +192,7 @@ def _calibrate(curves: Curves) -> tuple[dict[str, list[float]], dict[str, Any]]:
     return temperatures, info
 
 
-def calibrate_dir(out_dir, device: str = "auto", data_root=None) -> dict[str, Any]:
+def calibrate_dir(out_dir, device: str = "auto", data_root=None, track: str = "none") -> dict[str, Any]:
     """Calibrate a finished interpolation directory from its cached logits: fit T per label and λ on the
     calibration split (computing its logits once, from the recorded checkpoints, if the cache lacks them),
     then rewrite logits.safetensors, curve.csv, curve.png and barrier.json (last). Returns the barrier dict.
@@ -242,7 +254,7 @@ def calibrate_dir(out_dir, device: str = "auto", data_root=None) -> dict[str, An
         if isinstance(record, dict) and isinstance(record.get("interpolate"), dict):
             record["interpolate"]["calibrate"] = True
             write_yaml(config_path, record)
-    return write_outputs(out_dir, curves, settings, temperatures)
+    return write_outputs(out_dir, curves, settings, temperatures, track)
 
 
 def is_calibrated(out_dir) -> bool:
