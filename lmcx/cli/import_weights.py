@@ -6,7 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import ConfigOption, DataRootOption, DeviceOption, ForceOption, OutOption, SetOption, app, overrides, step_ran
+from ..config import TrainJob
+from .app import (ConfigOption, DataRootOption, DeviceOption, ForceOption, app, key_default, out_option, overrides,
+                  set_option, step_ran)
 
 
 @app.command("import")
@@ -14,18 +16,22 @@ def import_weights(
     weights: Annotated[Path, typer.Option(
         "--weights", help="FILE.safetensors, or a PyTorch state dict (.pt/.pth/.bin, read with weights_only=True).")],
     arch: Annotated[Optional[str], typer.Option(
-        help="mlp | vgg11 | vgg16 | resnet20 | torchvision.<name> | package.module:callable (model.arch).")] = None,
-    width: Annotated[Optional[float], typer.Option(help="Width multiplier (model.width).")] = None,
+        help="mlp | vgg11 | vgg16 | resnet20 | torchvision.<name> | package.module:callable (model.arch).",
+        show_default=key_default(TrainJob, "model.arch"))] = None,
+    width: Annotated[Optional[float], typer.Option(
+        help="Width multiplier (model.width).", show_default=key_default(TrainJob, "model.width"))] = None,
     dataset: Annotated[Optional[str], typer.Option(
-        "--data", "--dataset", help="Dataset the model is for: input shape, classes, evaluation (data.name).")] = None,
-    key: Annotated[Optional[str], typer.Option(help="Entry of the file that holds the state dict (e.g. state_dict).")] = None,
+        "--data", "--dataset", help="Dataset the model is for: input shape, classes, evaluation (data.name).",
+        show_default=key_default(TrainJob, "data.name"))] = None,
+    key: Annotated[Optional[str], typer.Option(help="Entry of the file that holds the state dict (e.g. state_dict).",
+                                             show_default="the whole file")] = None,
     strip_prefix: Annotated[Optional[str], typer.Option(
-        "--strip-prefix", help="Remove this prefix from every tensor name (e.g. 'module.').")] = None,
+        "--strip-prefix", help="Remove this prefix from every tensor name (e.g. 'module.').", show_default="none")] = None,
     config: ConfigOption = None,
     device: DeviceOption = None,
     data_root: DataRootOption = None,
-    out: OutOption = None,
-    set_: SetOption = None,
+    out: out_option("outputs/import/<dataset>-<arch>-<weights>-<hash>") = None,
+    set_: set_option("model.width=2") = None,
     force: ForceOption = False,
 ) -> None:
     """Turn weights trained elsewhere into an lmcx checkpoint: model.safetensors (with the header every
@@ -33,9 +39,12 @@ def import_weights(
     training run. The tensors must be exactly the architecture's state dict; a config file holds the
     model and data sections of a training config.
 
-    Example: lmcx import --arch torchvision.resnet18 --weights resnet18.pt --data cifar10 --out outputs/import/r18
+    Example:
+
+    \b
+    lmcx import --arch torchvision.resnet18 --weights r18.pt --data cifar10
     """
-    from ..config import TrainJob, load_config
+    from ..config import load_config
     from ..console import console
     from ..import_weights import IMPORT_OUTPUTS, import_settings, with_model_norm
     from ..import_weights import import_weights as run_import
