@@ -29,7 +29,7 @@ import yaml
 
 from .errors import LmcxError
 from .layout import EXPERIMENT_FILE, STEPS_FILE
-from .io import read_json
+from .io import read_json, read_yaml, shorten
 from .rundir import CONFIG_FILE, NON_RESULT_KEYS, _flatten
 
 REPORT_FILE = "report.md"
@@ -105,9 +105,9 @@ def _read_settings(path: Path) -> tuple[dict[str, Any], str]:
     if not file.is_file():
         return {}, ""
     try:
-        data = yaml.safe_load(file.read_text())
-    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
-        return {}, f"{file} is unreadable ({type(e).__name__})"
+        data = read_yaml(file)
+    except (LmcxError, yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+        return {}, f"{file} is unreadable ({shorten(str(e)) if isinstance(e, LmcxError) else type(e).__name__})"
     if not isinstance(data, dict):
         return {}, f"{file} is not a mapping of settings"
     # an experiment's model.width is replaced by each of its `widths`: not a setting of its results

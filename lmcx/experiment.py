@@ -21,7 +21,7 @@ from .errors import LmcxError
 from .io import write_json, write_yaml
 from .layout import (EXPERIMENT_FILE, STEPS_FILE, experiment_dir, pair_dir, seed_pairs, three_dir,
                      train_dir, width_tag)
-from .rundir import check_settings, is_complete, run_once
+from .rundir import INPUT_PATH_KEYS, check_settings, claim, is_complete, run_once
 
 
 @dataclass
@@ -142,19 +142,19 @@ def _status(step: Step) -> str:
 
 
 def check_plan(steps: list[Step]) -> None:
-    """Refuse, before anything runs, to reuse a finished step whose settings the YAML has changed."""
+    """Refuse, before anything runs, to reuse a finished step whose settings the YAML has changed. A step's
+    input paths are not compared: the layout derives them from the step's own name (so a moved or renamed
+    experiment folder still matches its finished steps)."""
     for step in steps:
         if is_complete(step.out, step.marker):
             try:
-                check_settings(step.out, step.settings)
+                check_settings(step.out, step.settings, INPUT_PATH_KEYS)
             except LmcxError as e:
                 raise LmcxError(f"{step.label}: {e}; or give the experiment a new `out`") from None
 
 
 def run_experiment(cfg: ExperimentConfig, *, dry_run: bool = False, force: bool = False) -> dict[str, Any]:
     """Run (or list, with dry_run) every step; then write the report. Returns the step results."""
-    from .report import write_report
-
     root = experiment_dir(cfg)
     steps = plan(cfg)
     if not force:
@@ -165,6 +165,13 @@ def run_experiment(cfg: ExperimentConfig, *, dry_run: bool = False, force: bool 
         todo = sum(_status(s) != "complete" for s in steps)
         console.print(f"{len(steps)} steps, {todo} to do", markup=False)
         return {}
+    with claim(root, wait=True):  # a second `lmcx run` of this experiment waits: steps.json, report.md are shared
+        return _run_steps(cfg, root, steps, force)
+
+
+def _run_steps(cfg: ExperimentConfig, root: Path, steps: list[Step], force: bool) -> dict[str, Any]:
+    from .report import write_report
+
     write_yaml(root / EXPERIMENT_FILE, to_dict(cfg))
     earlier = _read_steps(root)
     results: dict[str, dict[str, Any]] = {}
@@ -181,7 +188,7 @@ def run_experiment(cfg: ExperimentConfig, *, dry_run: bool = False, force: bool 
         started = time.perf_counter()
         try:
             status = run_once(step.out, step.settings, [step.marker], step.action, force=force, wait=True,
-                              keep=step.keep, marker=step.marker)
+                              keep=step.keep, marker=step.marker, ignore=INPUT_PATH_KEYS)
             seconds = round(time.perf_counter() - started, 2)
             results[step.label] = {"status": status, "out": str(step.out), "seconds": seconds}
             if status == "skipped" and "seconds_when_done" in earlier.get(step.label, {}):

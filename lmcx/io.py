@@ -211,3 +211,9 @@ def load_yaml(text: str, source: str) -> Any:
         loader.dispose()
     _measure(data, 0, {}, set(), source)
     return data
+
+
+def read_yaml(path: str | Path) -> Any:
+    """load_yaml of a file read within MAX_YAML_BYTES. Raises LmcxError (bounds, duplicate keys), yaml.YAMLError,
+    OSError or UnicodeDecodeError: callers say what the file should have been."""
+    return load_yaml(read_bounded(path, MAX_YAML_BYTES, "YAML file"), str(path))

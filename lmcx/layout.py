@@ -22,6 +22,7 @@ import yaml
 
 from .config import ExperimentConfig, from_dict
 from .errors import LmcxError
+from .io import read_yaml
 
 EXPERIMENT_FILE = "experiment.yaml"
 STEPS_FILE = "steps.json"
@@ -63,10 +64,10 @@ def load_experiment_settings(root: Path) -> ExperimentConfig:
     if not path.is_file():
         raise LmcxError(f"{root} has no {EXPERIMENT_FILE}; pass the output folder of an `lmcx run`")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path)
         if not isinstance(data, dict):
             raise LmcxError(f"expected a mapping of settings, got {type(data).__name__}")
         return from_dict(ExperimentConfig, data, "")
-    except (LmcxError, yaml.YAMLError, UnicodeDecodeError) as e:
+    except (LmcxError, yaml.YAMLError, OSError, UnicodeDecodeError) as e:
         raise LmcxError(f"{path} is unreadable ({e}); re-run `lmcx run` to rewrite it") from None
 

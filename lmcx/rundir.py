@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from .console import console
 from .errors import LmcxError
-from .io import MAX_YAML_BYTES, load_yaml, loads_json, read_bounded, read_json, shorten, write_json, write_yaml
+from .io import loads_json, read_json, read_yaml, shorten, write_json, write_yaml
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
@@ -94,7 +94,7 @@ def unreadable(path: Path) -> str | None:
         if path.suffix == ".json":
             read_json(path)
         elif path.suffix == ".yaml":
-            load_yaml(read_bounded(path, MAX_YAML_BYTES, "file"), str(path))
+            read_yaml(path)
         elif path.suffix == ".safetensors":
             with safe_open(str(path), "pt") as f:  # checks the header and that the tensors cover the file
                 header = (f.metadata() or {}).get("lmcx")
@@ -124,7 +124,7 @@ def read_settings(run_dir: str | Path) -> tuple[dict[str, Any] | None, str | Non
     if path.is_symlink() or not path.is_file():
         return None, f"{CONFIG_FILE} is {'a symbolic link' if path.is_symlink() else 'missing'}"
     try:
-        data = load_yaml(read_bounded(path, MAX_YAML_BYTES, "settings"), str(path))
+        data = read_yaml(path)
     except (LmcxError, yaml.YAMLError, OSError, UnicodeDecodeError):
         return None, f"{CONFIG_FILE} is unreadable"
     if not isinstance(data, dict) or not data:
@@ -314,15 +314,16 @@ def start(run_dir: str | Path, resolved: dict[str, Any], outputs: list[str], mar
 
 
 def run_once(run_dir: str | Path, resolved: dict[str, Any], outputs: list[str], step, *, force: bool = False,
-             wait: bool = False, keep: tuple[str, ...] = (), marker: str = "metrics.json") -> str:
+             wait: bool = False, keep: tuple[str, ...] = (), marker: str = "metrics.json",
+             ignore: Iterable[str] = ()) -> str:
     """Run `step()` into `run_dir` unless it is complete. Returns "done", "skipped" (complete with the same
     settings) or "busy" (another process holds the directory and `wait` is False).
     Outputs named in `keep` survive a restart (e.g. the training state a run resumes from) when the recorded
-    settings match; `force` redoes the step from scratch, kept files included."""
+    settings match; `force` redoes the step from scratch, kept files included. `ignore`: see settings_difference."""
     run_dir = Path(run_dir)
     refuse_symlinks(run_dir)
     if not force and is_complete(run_dir, marker):
-        check_settings(run_dir, resolved)
+        check_settings(run_dir, resolved, ignore)
         return "skipped"
     with claim(run_dir, wait) as claimed:
         if not claimed:
@@ -330,13 +331,13 @@ def run_once(run_dir: str | Path, resolved: dict[str, Any], outputs: list[str], 
         if not force:
             reason = incomplete_reason(run_dir, marker)
             if reason is None:  # finished by another process while we waited
-                check_settings(run_dir, resolved)
+                check_settings(run_dir, resolved, ignore)
                 return "skipped"
             if (run_dir / marker).exists():
                 console.print(f"{run_dir}: not complete after all ({reason}); redoing it", markup=False)
         kept = [] if force else [k for k in keep if (run_dir / k).exists()]
         if kept or (keep and not force and read_settings(run_dir)[0] is not None):
-            check_settings(run_dir, resolved)  # a partial run is continued, never restarted under other settings
+            check_settings(run_dir, resolved, ignore)  # a partial run is continued, never restarted under other settings
         start(run_dir, resolved, [o for o in [*outputs, *keep] if o not in kept], marker)
         step()
         if (run_dir / marker).is_file():

@@ -27,6 +27,16 @@ def _require_seed(seed: int, key: str) -> None:
     _require(0 <= seed < SEED_LIMIT, key, f"must be an integer in [0, 2**32), got {seed}")
 
 
+def _require_distinct_names(values: list[float], key: str, where: str, prefix: str = "") -> None:
+    """Values are named `{:g}` (6 significant digits) in directory names and report columns: two values that
+    differ only beyond those digits would share one name, and one result would stand for both."""
+    names = [f"{v:g}" for v in values]
+    for i, name in enumerate(names):
+        j = names.index(name)
+        _require(j == i, key, f"{values[j]!r} and {values[i]!r} would share the {where} named {prefix}{name} (6 "
+                 "significant digits); drop one or make them differ within those digits")
+
+
 def _require_loop(cfg: Any, p: str) -> None:
     """epochs, lr and batch_size of an optimisation loop (TrainConfig, SteConfig)."""
     _require(cfg.epochs > 0, f"{p}epochs", f"must be > 0, got {cfg.epochs}")
@@ -116,6 +126,7 @@ def check_interpolate(cfg: Any, p: str) -> None:
 def check_svd(cfg: Any, p: str) -> None:
     """Ranges of a SvdConfig."""
     _require(all(0 <= g <= 1 for g in cfg.gammas) and cfg.gammas, f"{p}gammas", "each γ must be in [0, 1]")
+    _require_distinct_names(cfg.gammas, f"{p}gammas", "report columns")
     _require(cfg.wm_max_iter > 0, f"{p}wm_max_iter", "must be > 0")
     _require_seed(cfg.wm_seed, f"{p}wm_seed")
 
@@ -123,6 +134,7 @@ def check_svd(cfg: Any, p: str) -> None:
 def check_lewc(cfg: Any, p: str) -> None:
     """Ranges of a LewcConfig."""
     _require(all(0 <= x <= 1 for x in cfg.lambdas) and cfg.lambdas, f"{p}lambdas", "each λ must be in [0, 1]")
+    _require_distinct_names(cfg.lambdas, f"{p}lambdas", "report columns")
     _require(cfg.samples > 0, f"{p}samples", "must be > 0")
     _require(cfg.batch_size > 0, f"{p}batch_size", "must be > 0")
     _require(cfg.norm_fix_batches > 0, f"{p}norm_fix_batches", "must be > 0")
@@ -141,6 +153,7 @@ def check_experiment(cfg: Any, p: str) -> None:
     _require(len(set(cfg.widths)) == len(cfg.widths), f"{p}widths", f"widths repeat: {cfg.widths}")
     _require(not cfg.model.arch.startswith(TORCHVISION_PREFIX) or cfg.widths == [1], f"{p}widths",
              f"torchvision models have no width multiplier; use widths: [1], got {cfg.widths}")
+    _require_distinct_names(cfg.widths, f"{p}widths", "directories", "w")
     for m in cfg.methods:
         _require(m in METHODS, f"{p}methods", f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     for a in cfg.analyses:

@@ -21,6 +21,7 @@ from torch import nn
 from ..console import progress_bar
 from ..data import Dataset
 from ..errors import LmcxError
+from ..io import shorten
 from ..train import predict
 from .norm_fix import model_norm, norm_fix_inputs, resolve_norm_fix
 from .path import LAMBDA_CONVENTION, Interpolator
@@ -105,6 +106,8 @@ def save_curves(path: str | Path, curves: Curves, info: dict[str, Any] | None = 
 
 
 def load_curves(path: str | Path) -> Curves:
+    """The cache `save_curves` wrote, checked to fit together (a cache is data: labels, λ grid, targets and
+    logits that do not fit would give a wrong barrier or a traceback)."""
     from safetensors import SafetensorError
 
     from ..checkpoint import read_tensors
@@ -114,14 +117,49 @@ def load_curves(path: str | Path) -> Curves:
         raise LmcxError(f"{path} does not exist; run `lmcx interpolate` into {path.parent} first")
     try:
         tensors, meta = read_tensors(path)
-        labels = list(meta["labels"])
-        targets = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("targets/")}
-        logits: dict[str, dict[str, torch.Tensor]] = {label: {} for label in labels}
-        for k, v in tensors.items():
-            if k.startswith("logits/"):
-                _, i, split = k.split("/")
-                logits[labels[int(i)]][split] = v
-        return Curves(tensors["lambdas"].tolist(), labels, targets, logits)
+        return _checked_curves(tensors, meta)
     except (SafetensorError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise LmcxError(f"{path} is not a readable logits cache ({e}); re-run `lmcx interpolate --force`") from None
+        raise LmcxError(f"{path} is not a readable logits cache ({shorten(str(e))}); re-run "
+                        "`lmcx interpolate --force`") from None
 
+
+def _checked_curves(tensors: dict[str, torch.Tensor], meta: Any) -> Curves:
+    """Curves from a cache's tensors and metadata, or ValueError naming what does not fit."""
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)
+            and len(set(labels)) == len(labels)):
+        raise ValueError("its metadata has no list of distinct labels")
+    lambdas = tensors.pop("lambdas", None)
+    if lambdas is None or not lambdas.is_floating_point() or lambdas.ndim != 1 or len(lambdas) < 2:
+        raise ValueError("no λ grid of two or more floating-point values")
+    grid = lambdas.double()
+    if not (torch.isfinite(grid).all() and grid[0] == 0 and grid[-1] == 1 and (grid[1:] > grid[:-1]).all()):
+        raise ValueError(f"its λ grid {shorten(grid.tolist())} is not increasing from 0 to 1")
+    targets: dict[str, torch.Tensor] = {}
+    logits: dict[str, dict[str, torch.Tensor]] = {label: {} for label in labels}
+    for name, t in tensors.items():
+        kind, _, rest = name.partition("/")
+        index, _, split = rest.partition("/")
+        if kind == "targets" and rest and "/" not in rest:
+            targets[rest] = t
+        elif kind == "logits" and index.isdigit() and int(index) < len(labels) and split and "/" not in split:
+            logits[labels[int(index)]][split] = t
+        else:
+            raise ValueError(f"unexpected tensor {shorten(name)}")
+    classes = {z.shape[-1] for per_split in logits.values() for z in per_split.values()}
+    for split, y in targets.items():
+        if y.dtype not in (torch.int64, torch.int32) or y.ndim != 1 or len(y) == 0:
+            raise ValueError(f"targets/{split} is not a non-empty list of integer class ids")
+    for label, per_split in logits.items():
+        if set(per_split) != set(targets) - ({"calib"} - set(per_split)) or not set(CURVE_SPLITS) <= set(per_split):
+            raise ValueError(f"label {shorten(label)} has the splits {sorted(per_split)}, not {sorted(targets)}")
+        for split, z in per_split.items():
+            shape = (len(grid), len(targets[split]), *classes)
+            if not z.is_floating_point() or len(classes) != 1 or tuple(z.shape) != shape or shape[-1] < 2:
+                raise ValueError(f"logits of {shorten(label)} on {split} have shape {list(z.shape)}, not "
+                                 f"[{len(grid)} λ, {len(targets[split])} examples, classes]")
+    (n_classes,) = classes
+    for split, y in targets.items():
+        if int(y.min()) < 0 or int(y.max()) >= n_classes:
+            raise ValueError(f"targets/{split} holds class ids outside [0, {n_classes})")
+    return Curves(lambdas.tolist(), labels, {s: y.long() for s, y in targets.items()}, logits)

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..checkpoint import check_weights
 from ..config import InterpolateConfig, validate
 from ..data import Dataset
 from ..errors import LmcxError
@@ -33,12 +34,17 @@ def lambda_grid(cfg: InterpolateConfig) -> list[float]:
 def lerp_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
     """θ(λ) = (1 − λ) θ_A + λ θ_B for floating tensors; integer buffers (num_batches_tracked) from A.
 
-    Computed as `a·(1 − λ) + b·λ`, so λ = 0 gives A and λ = 1 gives B bit for bit."""
+    λ = 0 is a copy of A and λ = 1 of B, bit for bit (arithmetic would not be: 0·NaN is NaN, −0 + 0 is +0)."""
     check_same_layout(a, b)
     out = {}
     for k, ta in a.items():
-        tb = b[k]
-        out[k] = ta * (1.0 - lam) + tb.to(ta.device) * lam if ta.is_floating_point() else ta.clone()
+        tb = b[k].to(ta.device)
+        if not ta.is_floating_point() or lam == 0:
+            out[k] = ta.clone()
+        elif lam == 1:
+            out[k] = tb.clone()
+        else:
+            out[k] = ta * (1.0 - lam) + tb * lam
     return out
 
 
@@ -68,6 +74,8 @@ class Interpolator:
                             "can be interpolated")
         self.state_a = {k: v.detach().clone() for k, v in model_a.state_dict().items()}
         state_b = model_b.state_dict()
+        check_weights(self.state_a, "model A")  # the library path too: 0·NaN would spread B's NaN along the path
+        check_weights(state_b, "model B")
         check_same_layout(self.state_a, state_b)
         self.state_b = {k: v.detach().to(self.state_a[k].device).clone() for k, v in state_b.items()}
         self.model = copy.deepcopy(model_a).eval()
@@ -82,13 +90,15 @@ class Interpolator:
     @torch.no_grad()
     def at(self, lam: float) -> nn.Module:
         """The (shared) model set to θ(λ), norm fix applied, in eval mode."""
-        for k, t in self._tensors.items():  # lerp_state's arithmetic (a·(1 − λ) + b·λ), written in place
+        for k, t in self._tensors.items():  # lerp_state's values (endpoints copied exactly), written in place
             a = self.state_a[k]
-            if a.is_floating_point():
+            if not a.is_floating_point() or lam == 0:
+                t.copy_(a)
+            elif lam == 1:
+                t.copy_(self.state_b[k])
+            else:
                 torch.mul(a, 1.0 - lam, out=t)
                 t.add_(self.state_b[k] * lam)
-            else:
-                t.copy_(a)
         started = time.perf_counter()
         if self.norm_fix == "reset":
             reset_bn_stats(self.model, self.inputs)

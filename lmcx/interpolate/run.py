@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import InterpolateConfig, to_dict
 from ..errors import LmcxError
-from ..io import read_json, write_csv, write_json, write_yaml
+from ..io import read_json, read_yaml, write_csv, write_json, write_yaml
 from ..tracking import EVENTS_DIR, check_tracker, open_tracker
 from .barrier import summarize
 from .curves import CURVE_SPLITS, LOGITS_FILE, Curves, evaluate_curves, load_curves, save_curves
@@ -248,8 +248,8 @@ def calibrate_dir(out_dir, device: str = "auto", data_root=None, track: str = "n
         import yaml
 
         try:
-            record = yaml.safe_load(config_path.read_text()) or {}
-        except (yaml.YAMLError, OSError):
+            record = read_yaml(config_path)
+        except (LmcxError, yaml.YAMLError, OSError, UnicodeDecodeError):
             record = None
         if isinstance(record, dict) and isinstance(record.get("interpolate"), dict):
             record["interpolate"]["calibrate"] = True
