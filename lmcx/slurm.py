@@ -18,7 +18,7 @@ from .console import console
 from .errors import LmcxError, RunFailed
 from .experiment import EXPERIMENT_FILE, STEPS_FILE, Step, experiment_dir, plan
 from .io import write_json, write_yaml
-from .rundir import is_complete, run_once
+from .rundir import INPUT_PATH_KEYS, is_complete, run_once
 
 # submitit's SlurmExecutor parameters (sbatch options with `_` for `-`); submitit's own default time
 # limit is 5 minutes, too short for training.
@@ -44,7 +44,7 @@ def run_step(settings: dict[str, Any], out: str, cwd: str) -> str:
     if step is None:
         raise LmcxError(f"the experiment has no step writing {out}; re-submit it")
     return run_once(step.out, step.settings, [step.marker], step.action, wait=True, keep=step.keep,
-                    marker=step.marker)
+                    marker=step.marker, ignore=INPUT_PATH_KEYS)  # as `lmcx run`: a moved folder keeps its steps
 
 
 def finish_experiment(settings: dict[str, Any], cwd: str, jobs: dict[str, dict[str, str]]) -> str:
