@@ -58,7 +58,8 @@ def check_arch(arch: str) -> None:
         if name not in names:
             close = [n for n in names if n.startswith(name[:4])][:6] or names[:6]
             raise LmcxError(f"{arch!r} is not a torchvision classification model; e.g. "
-                            f"{', '.join(TORCHVISION_PREFIX + n for n in close)} (all: torchvision.models.list_models())")
+                            f"{', '.join(TORCHVISION_PREFIX + n for n in close)} "
+                            "(all: torchvision.models.list_models())")
 
 
 def factory_module(arch: str) -> str:

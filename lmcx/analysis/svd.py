@@ -287,7 +287,8 @@ def analyze_svd_checkpoints(a_path, b_path, cfg: SvdConfig, out_dir, perm_path=N
     # safetensors sorts names alphabetically: put layers back in the model's order (input first)
     order = [k for k in model.state_dict() if k in ckpt_a.state]
     state_a = {k: ckpt_a.state[k] for k in order + [k for k in ckpt_a.state if k not in set(order)]}
-    layers = spec_layers(permutation_spec(ckpt_a.model, ckpt_a.in_shape, ckpt_a.num_classes), state_a, ckpt_a.model.arch)
+    spec = permutation_spec(ckpt_a.model, ckpt_a.in_shape, ckpt_a.num_classes)
+    layers = spec_layers(spec, state_a, ckpt_a.model.arch)
     result = svd_analysis(state_a, ckpt_b.state, state_bp, list(cfg.gammas), cfg.weighted, param_keys, dev, layers)
 
     write_csv(out_dir / "svd.csv", csv_rows(result, cfg.weighted))

@@ -19,7 +19,8 @@ def train(
     seed: Annotated[Optional[int], typer.Option(
         help="Random seed (init, data order, augmentation).", show_default=key_default(TrainJob, "seed"))] = None,
     arch: Annotated[Optional[str], typer.Option(
-        help="mlp | vgg11 | vgg16 | resnet20.", show_default=key_default(TrainJob, "model.arch"))] = None,
+        help="mlp | vgg11 | vgg16 | resnet20 | torchvision.<name> | package.module:callable (README, Any model).",
+        show_default=key_default(TrainJob, "model.arch"))] = None,
     dataset: Annotated[Optional[str], typer.Option(
         help="Dataset name (README, Datasets).", show_default=key_default(TrainJob, "data.name"))] = None,
     epochs: Annotated[Optional[int], typer.Option(

@@ -76,7 +76,12 @@ def check_model_size(cfg: ModelConfig, in_shape: tuple[int, ...], num_classes: i
         else:
             from .external import build_unchecked
 
-            model = build_unchecked(cfg, tuple(int(s) for s in in_shape), num_classes)
+            try:
+                model = build_unchecked(cfg, tuple(int(s) for s in in_shape), num_classes)
+            except LmcxError:
+                if _kind(cfg) == "factory":
+                    return  # the user's code may not build on `meta`: the real build counts and reports
+                raise
         count = sum(p.numel() for p in model.parameters())
     if count > MAX_PARAMETERS:
         raise LmcxError(f"model.width={cfg.width:g} gives a {cfg.arch} of {count:.3g} parameters for input "

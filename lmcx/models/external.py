@@ -92,7 +92,8 @@ def _factory(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int)
         if factory is None:
             raise LmcxError(f"model.arch {cfg.arch!r}: module {module_name} has no {attr!r}")
     if not callable(factory):
-        raise LmcxError(f"model.arch {cfg.arch!r}: {attr} is not callable; name a function or class that builds the model")
+        raise LmcxError(f"model.arch {cfg.arch!r}: {attr} is not callable; name a function or class that builds "
+                        "the model")
     kwargs: dict = {"in_shape": tuple(in_shape), "num_classes": num_classes}
     try:
         params = inspect.signature(factory).parameters.values()
@@ -101,7 +102,8 @@ def _factory(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int)
     if any(p.name == "width" or p.kind is p.VAR_KEYWORD for p in params):
         kwargs["width"] = cfg.width
     elif cfg.width != 1:
-        raise LmcxError(f"model.width: {cfg.arch} takes no width parameter, so model.width must be 1, got {cfg.width:g}")
+        raise LmcxError(f"model.width: {cfg.arch} takes no width parameter, so model.width must be 1, "
+                        f"got {cfg.width:g}")
     try:
         model = factory(**kwargs)
     except Exception as e:  # noqa: BLE001

@@ -15,7 +15,7 @@ module). Models from outside lmcx get the traced names, and feature points from 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -23,22 +23,21 @@ from torch import nn
 from ..arch import arch_kind
 from ..config import ModelConfig
 from ..errors import LmcxError
+from ..permutation.check import Coverage, spec_coverage
 from ..permutation.spec import PermutationSpec, permutation_spec_from_axes
-
-if TYPE_CHECKING:
-    from ..permutation.check import Coverage
+from ..permutation.trace import trace_spec
 
 TRACE_SEED = 0  # the model and the example batch a spec is traced on: the same in every process
 TRACE_BATCH = 2  # the smallest batch BatchNorm trains on (the check runs the model in train mode too)
 
-_traced: dict[tuple, tuple[PermutationSpec, "Coverage", list[str] | str | None]] = {}
+_traced: dict[tuple, tuple[PermutationSpec, Coverage, list[str] | str | None]] = {}
 
 
 def permutation_spec(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int) -> PermutationSpec:
     return _trace(cfg, in_shape, num_classes)[0]
 
 
-def permutation_coverage(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int) -> "Coverage":
+def permutation_coverage(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int) -> Coverage:
     """How much of the model its spec permutes, and what is pinned and why (check.py's Coverage)."""
     return _trace(cfg, in_shape, num_classes)[1]
 
@@ -65,9 +64,7 @@ def _trace(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int):
     traced_cfg = replace(cfg, width=min(cfg.width, 1.0)) if builtin else cfg
     key = (cfg.arch, traced_cfg.width, cfg.norm, cfg.bias, tuple(int(s) for s in in_shape), int(num_classes))
     if key not in _traced:
-        from ..permutation.check import spec_coverage  # the tracer (torch.fx) loads only when a spec is needed
-        from ..permutation.trace import trace_spec
-        from . import build_model, builtin_module
+        from . import build_model, builtin_module  # (the package imports this module)
 
         with torch.random.fork_rng(devices=[]):  # tracing must not move the caller's random stream
             torch.manual_seed(TRACE_SEED)
@@ -111,7 +108,8 @@ def _traced_feature_points(model: nn.Module, spec: PermutationSpec, example: tor
                 points.append(name)
     logits = next((name for name, value in finished if value is out), None)
     if not points:
-        return "no module's output carries a permutation (every hidden axis is pinned, or only reused modules carry them)"
+        return ("no module's output carries a permutation (every hidden axis is pinned, or only modules called "
+                "more than once carry them)")
     if logits is None:
         return "its logits are computed outside any module (the last operation of forward() is not a module call)"
     return points + [logits]
