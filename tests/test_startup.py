@@ -43,7 +43,8 @@ def test_config_errors_do_not_import_torch(tmp_path):
     (tmp_path / "broken.yaml").write_text("train: {lr: [\n")
     (tmp_path / "unknown.yaml").write_text("train: {nope: 1}\n")
     for args in (["train", "-c", str(tmp_path / "broken.yaml")], ["run", str(tmp_path / "unknown.yaml")],
-                 ["interpolate", "--a", "x", "--b", "y", "--set", "points=0"]):
+                 ["interpolate", "--a", "x", "--b", "y", "--set", "points=0"],
+                 ["import", "--weights", "w.pt", "--set", "model.width=0"]):
         err = _probe(*args)
         assert "error: " in err and "exit 2" in err and "torch loaded: False" in err, (args, err)
 

@@ -39,22 +39,26 @@ def import_weights(
     training run. The tensors must be exactly the architecture's state dict; a config file holds the
     model and data sections of a training config.
 
-    Example:
+    Weights of torchvision's ResNet-18 trained for CIFAR-10, say: --arch torchvision.resnet18 --weights
+    r18.pt --data cifar10. Example that runs as printed, the first model of the README's train examples as
+    if it came from elsewhere:
 
     \b
-    lmcx import --arch torchvision.resnet18 --weights r18.pt --data cifar10
+    lmcx import --weights runs/s0/model.safetensors --set model.norm=none
     """
     from ..config import load_config
-    from ..console import console
+
+    loaded = load_config(TrainJob, config, overrides(
+        {"model.arch": arch, "model.width": width, "data.name": dataset, "data.root": data_root, "device": device},
+        set_))
+    from ..console import console  # only now: torch loads below, and a config error needs none of it
     from ..import_weights import IMPORT_OUTPUTS, import_settings, with_model_norm
     from ..import_weights import import_weights as run_import
     from ..io import read_json
     from ..names import import_dir
     from ..rundir import run_once
 
-    job = with_model_norm(load_config(TrainJob, config, overrides(
-        {"model.arch": arch, "model.width": width, "data.name": dataset, "data.root": data_root, "device": device},
-        set_)))
+    job = with_model_norm(loaded)
     settings = import_settings(job, weights, key, strip_prefix)
     run_dir = out or import_dir(job, weights, settings)
     metrics: dict = {}
