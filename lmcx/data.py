@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import progress
 from .config import DataConfig, SyntheticConfig, cache_dir, data_root
 from .errors import LmcxError
 from .io import atomic_path, shorten
@@ -314,4 +315,5 @@ def train_batches(
 def eval_batches(ds: Dataset, x: torch.Tensor, y: torch.Tensor, batch_size: int
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, len(y), batch_size):
+        progress.tick()  # evaluation owns no progress task: let the caller's show that it is alive
         yield ds.normalize(x[start:start + batch_size]), y[start:start + batch_size]

@@ -6,6 +6,12 @@
             t.advance(1, objective=obj, changed=n)
         t.log("converged after 7 sweeps")
 
+    for layer in progress.track(layers, "svd", unit="layer"):  # a task advanced once per item
+        ...
+
+    progress.tick()  # in an inner loop that owns no task (evaluation batches, norm-fix passes): lets the
+                     # innermost open task print its line (or refresh its bar) if one is due
+
 Where it goes (always stderr, through lmcx.console; never into result files):
   - a terminal: rich bars; tasks opened inside another task share its display (an inner task's row
     goes away when it ends, the outermost stays);
@@ -24,7 +30,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -38,6 +44,7 @@ clock: Callable[[], float] = time.monotonic  # tests replace it
 
 _bars: Progress | None = None  # the rich display shared by the open tasks on a terminal
 _open = 0
+_shown: list["Task"] = []  # open tasks that show something, innermost last (what `tick` refreshes)
 
 
 def _interval() -> float:
@@ -150,6 +157,26 @@ class Task:
             console.print(f"{self.line()} done", markup=False, highlight=False)
 
 
+def tick() -> None:
+    """Give the innermost open task a chance to show itself (a plain line when one is due, a bar
+    refresh): for long inner loops that do not own a task, so that a log never falls silent."""
+    if _shown:
+        _shown[-1]._maybe_show()
+
+
+T = TypeVar("T")
+
+
+def track(items: Iterable[T], description: str, total: float | None = None, unit: str = "it") -> Iterator[T]:
+    """Yield `items`, advancing a task (see `task`) once per item; `total` defaults to len(items)."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with task(description, total, unit) as t:
+        for item in items:
+            yield item
+            t.advance(1)
+
+
 @contextmanager
 def task(description: str, total: float | None = None, unit: str = "it", show: bool = True) -> Iterator[Task]:
     """Report progress of the work inside the block (`show=False`: say nothing, e.g. on ranks other than 0)."""
@@ -162,10 +189,14 @@ def task(description: str, total: float | None = None, unit: str = "it", show: b
         _bars.start()
     _open += 1
     t = Task(description, total, unit, show)
+    if t.show:
+        _shown.append(t)
     try:
         yield t
     finally:
         _open -= 1
+        if t.show:
+            _shown.remove(t)
         t._close(outermost=_open == 0)
         if _open == 0 and _bars is not None:
             _bars.stop()

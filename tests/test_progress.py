@@ -88,7 +88,9 @@ def test_training_progress_in_a_log_and_quiet(cli, synthetic_config, tmp_path, m
     result = cli("train", "-c", synthetic_config, "--out", tmp_path / "a")
     assert result.code == 0 and result.out == "", result.err
     batch_lines = [line for line in lines(result.err) if line.startswith("train a: ")]
-    assert len(batch_lines) == 22  # 3 epochs x 7 batches (448 images after the calibration split), closing line
+    # 3 epochs x 7 batches (448 images after the calibration split), one line while each epoch's test set is
+    # evaluated (progress.tick in the evaluation batches), and the closing line
+    assert len(batch_lines) == 21 + 3 + 1
     assert all(f in batch_lines[0] for f in ("1/21 batch", "epoch 1/3", "batch 1/7", "loss ", "acc ", "img/s "))
     assert any(line.startswith("a epoch 3/3: loss ") for line in lines(result.err))
     for f in (tmp_path / "a").iterdir():
@@ -97,3 +99,34 @@ def test_training_progress_in_a_log_and_quiet(cli, synthetic_config, tmp_path, m
     quiet = cli("--quiet", "train", "-c", synthetic_config, "--out", tmp_path / "b")
     assert quiet.code == 0 and len(lines(quiet.err)) == 1  # the result line alone
     assert lines(quiet.err)[0].startswith(f"{tmp_path / 'b'}: test accuracy")
+
+
+def test_interpolation_shows_a_line_within_5s_then_at_most_every_15s(clock, capsys):
+    """A λ of a curve takes 16 s here (a REPAIR pass and the evaluation, 2 s per forward pass of the fake
+    clock): the lines must still come from inside it, from the norm fix and the evaluation batches."""
+    import re
+
+    from lmcx.config import DataConfig, ModelConfig, SyntheticConfig
+    from lmcx.data import load_dataset
+    from lmcx.interpolate import evaluate_curves
+    from lmcx.models import build_model
+
+    ds = load_dataset(DataConfig(name="synthetic", calib_size=16, synthetic=SyntheticConfig(
+        train_size=256, test_size=64, num_classes=4, shape=[1, 8, 8])))
+    cfg = ModelConfig(arch="mlp", width=0.125, norm="none")
+    a, b = (build_model(cfg, ds.in_shape, 4).eval() for _ in range(2))
+
+    def work(*_):
+        clock.now += 2.0
+
+    a.register_forward_hook(work)
+    b.register_forward_hook(work)
+    evaluate_curves(a, {"wm": b}, ds, [0.0, 0.25, 0.5, 0.75, 1.0], "repair", {"test": (ds.x_test, ds.y_test)},
+                    norm_fix_batches=4, norm_fix_batch_size=32, eval_batch_size=16)
+    captured = capsys.readouterr()
+    out = [line for line in lines(captured.err) if line.startswith("interpolate: ")]
+    assert captured.out == "" and out and out[-1].endswith(" done") and "5/5 λ (100%)" in out[-1]
+    seconds = [60 * int(m) + int(s) for m, s in (re.search(r"\[(\d+):(\d\d)\]", line).groups() for line in out)]
+    assert 5 <= seconds[0] <= 7  # the first line once 5 s have passed (at the next forward pass)
+    assert all(later - earlier <= 15 for earlier, later in zip(seconds, seconds[1:])), seconds
+    assert any("stage norm fix (repair)" in line for line in out) and any("stage evaluate" in line for line in out)

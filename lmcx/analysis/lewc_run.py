@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import progress
 from ..config import LewcConfig, to_dict
 from ..errors import LmcxError
 from .lewc import (DEFINITIONS, LAMBDA_CONVENTION, LAYER_INDEX, alpha_beta_from_gram, cosine_similarity,
@@ -91,7 +92,8 @@ def lewc_analysis(model_a: nn.Module, model_b: nn.Module, ds, x: torch.Tensor, l
         layers.append(_Layer(ell, point, weight, reason, isinstance(mods_a[point], nn.ReLU),
                              per_lambda={i: _LambdaStats() for i in range(len(lambdas))}))
     merged = [interpolated_model(model_a, model_b, lam, ds, norm_fix, batches=norm_fix_batches,
-                                 batch_size=norm_fix_batch_size).eval() for lam in lambdas]
+                                 batch_size=norm_fix_batch_size).eval()
+              for lam in progress.track(lambdas, f"lewc θ(λ), norm fix {norm_fix}", unit="λ")]
 
     feats_a: dict[int, torch.Tensor] = {}
     feats_b: dict[int, torch.Tensor] = {}
@@ -150,7 +152,8 @@ def lewc_analysis(model_a: nn.Module, model_b: nn.Module, ds, x: torch.Tensor, l
                 hooks.append(_register(m, layer.name, compare(i, layer, j, lam)))
         from ..data import eval_batches
 
-        for xb, _ in eval_batches(ds, x, x.new_zeros(len(x)), batch_size):
+        for xb, _ in progress.track(eval_batches(ds, x, x.new_zeros(len(x)), batch_size), "lewc layers",
+                                    total=-(-len(x) // batch_size), unit="batch"):
             model_a(xb)
             model_b(xb)
             for m in merged:
@@ -244,6 +247,7 @@ def lewc_checkpoints(a_path, b_path, cfg: LewcConfig, out_dir, perm_path=None, b
     from ..io import write_csv, write_json
     from ..models import feature_points
     from ..plots import plot_lewc_coefficients, plot_lewc_cosine
+    from ..threads import thread_info
     from ..train import resolve_device
     from .pair import model_summary, permuted_b
 
@@ -282,7 +286,7 @@ def lewc_checkpoints(a_path, b_path, cfg: LewcConfig, out_dir, perm_path=None, b
             "sample_source": f"the first {len(x)} images of the {ckpt_a.data.name} test split",
             "norm_fix": resolved_fix, "norm_fix_requested": norm_fix,
             **{k: v for k, v in to_dict(cfg).items() if k not in ("lambdas", "samples")},
-            "device": str(dev),
+            "device": str(dev), "threads": thread_info(),
             "definitions": DEFINITIONS,
         },
         "models": model_summary(ckpt_a),

@@ -38,6 +38,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .. import progress
 from ..config import SvdConfig, to_dict
 from ..errors import LmcxError
 from ..permutation.weight_matching import l2_distance
@@ -192,7 +193,7 @@ def svd_analysis(params_a: StateDict, params_b: StateDict, params_b_perm: StateD
     par_perm_total, _ = l2_distance(cpu, cpu_bp, param_keys)
 
     rows = []
-    for k in layers:
+    for k in progress.track(layers, "svd", unit="layer"):
         fa, fb, fp = (svd_factors(p[k], device) for p in (cpu, cpu_b, cpu_bp))
         align = []
         for g in gammas:
@@ -272,6 +273,7 @@ def analyze_svd_checkpoints(a_path, b_path, cfg: SvdConfig, out_dir, perm_path=N
     from ..io import write_csv, write_json
     from ..models import build_model, permutation_spec
     from ..plots import plot_svd_alignment, plot_svd_spectra
+    from ..threads import thread_info
     from ..train import resolve_device
 
     started = time.perf_counter()
@@ -298,7 +300,8 @@ def analyze_svd_checkpoints(a_path, b_path, cfg: SvdConfig, out_dir, perm_path=N
         "format": "lmcx-svd",
         "settings": {
             "a": str(ckpt_a.path), "b": str(ckpt_b.path), "permutation": permutation,
-            **to_dict(cfg), "device": str(dev), "svd_dtype": "float64", "definitions": DEFINITIONS,
+            **to_dict(cfg), "device": str(dev), "threads": thread_info(), "svd_dtype": "float64",
+            "definitions": DEFINITIONS,
         },
         "models": model_summary(ckpt_a),
         "totals": result["totals"],

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..console import progress_bar
+from .. import progress
 from ..data import Dataset
 from ..errors import LmcxError
 from ..io import shorten
@@ -55,16 +55,17 @@ def evaluate_curves(model_a: nn.Module, models_b: dict[str, nn.Module], ds: Data
     norm_fix = resolve_norm_fix(norm_fix, model_norm(model_a))
     inputs = norm_fix_inputs(ds, norm_fix_batches, norm_fix_batch_size) if norm_fix != "none" else []
     started = time.perf_counter()
-    stats_a = None
-    if norm_fix == "repair":  # A's statistics once, shared by every pair
-        stats_a = endpoint_stats(model_a, inputs)
     logits: dict[str, dict[str, torch.Tensor]] = {}
     forward_seconds = 0.0
-    norm_fix_seconds = time.perf_counter() - started
     shared_a: dict[str, torch.Tensor] | None = None  # θ(0) logits, identical for every B
-    with progress_bar() as bar:
-        task = bar.add_task("interpolate", total=len(models_b) * len(lambdas), status="")
+    with progress.task("interpolate", total=len(models_b) * len(lambdas), unit="λ") as bar:
+        stats_a = None
+        if norm_fix == "repair":  # A's statistics once, shared by every pair
+            bar.update(stage="REPAIR statistics")
+            stats_a = endpoint_stats(model_a, inputs)
+        norm_fix_seconds = time.perf_counter() - started
         for label, model_b in models_b.items():
+            bar.update(curve=label)
             t0 = time.perf_counter()
             interp = Interpolator(model_a, model_b, inputs, norm_fix, stats_a)  # B's REPAIR statistics, once
             norm_fix_seconds += time.perf_counter() - t0
@@ -73,9 +74,11 @@ def evaluate_curves(model_a: nn.Module, models_b: dict[str, nn.Module], ds: Data
                 if lam == 0.0 and shared_a is not None:
                     for s in splits:
                         per_split[s].append(shared_a[s])
-                    bar.advance(task)
+                    bar.advance(1)
                     continue
+                bar.update(λ=f"{lam:.3f}", stage=f"norm fix ({norm_fix})" if norm_fix != "none" else "evaluate")
                 model = interp.at(lam)
+                bar.update(stage="evaluate")
                 t0 = time.perf_counter()
                 out = {s: predict(model, ds, x, eval_batch_size, precision).cpu() for s, (x, _) in splits.items()}
                 forward_seconds += time.perf_counter() - t0
@@ -83,8 +86,7 @@ def evaluate_curves(model_a: nn.Module, models_b: dict[str, nn.Module], ds: Data
                     shared_a = out
                 for s in splits:
                     per_split[s].append(out[s])
-                bar.advance(task)
-                bar.update(task, status=f"{label} λ={lam:.3f}")
+                bar.advance(1)
             norm_fix_seconds += interp.norm_fix_seconds
             logits[label] = {s: torch.stack(v) for s, v in per_split.items()}
     timing = {"seconds": time.perf_counter() - started, "forward_seconds": forward_seconds,

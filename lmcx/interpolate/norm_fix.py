@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .. import progress
 from ..data import Dataset
 from ..errors import LmcxError
 from ..models.layers import model_norm  # noqa: F401  (the interpolate modules import it from here)
@@ -80,6 +81,7 @@ def reset_bn_stats(model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
         m.train()
     try:
         for x in inputs:
+            progress.tick()
             model(x)
     finally:
         for m, momentum in zip(bns, momenta):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import progress
 from ..errors import LmcxError
 from ..models import forward_hooks
 from .norm_fix import BATCH_NORM, model_norm, reset_bn_stats
@@ -68,6 +69,7 @@ def activation_stats(model: nn.Module, names: Sequence[str], inputs: Sequence[to
     model.eval()
     with forward_hooks(model, {n: hook(n) for n in names}):
         for x in inputs:
+            progress.tick()
             model(x)
     model.train(was_training)
     stats = {}
@@ -131,6 +133,7 @@ def repair(model: nn.Module, inputs: Sequence[torch.Tensor], stats_a: dict, stat
     model.eval()
     with forward_hooks(model, {n: hook(n, m.bias is not None) for n, m in points}):
         for x in inputs:
+            progress.tick()
             model(x)
     for name, module in points:  # fold: W' = r·W, b' = r·b + (target mean − r·mean), r = target std / std
         mean, var, _ = running[name]

@@ -125,6 +125,7 @@ def interpolate_checkpoints(a_path, b_paths: list, labels: list[str], cfg: Inter
     θ(λ), optionally calibrate, and write the outputs (module docstring) into `out_dir`. Returns the
     barrier dict (the content of barrier.json). Does not skip or lock: callers use `rundir.run_once`."""
     from ..data import load_dataset
+    from ..threads import thread_info
     from ..train import resolve_device
 
     started = time.perf_counter()
@@ -168,6 +169,7 @@ def interpolate_checkpoints(a_path, b_paths: list, labels: list[str], cfg: Inter
         "eval_batch_size": cfg.eval_batch_size,
         "settings": to_dict(cfg),
         "device": str(dev),
+        "threads": thread_info(),
         "timing": dict(curves.timing),
     }
     if not (out_dir / "config.yaml").is_file():  # run_once (CLI, `lmcx run`) already wrote the caller's record

@@ -125,6 +125,7 @@ def activation_correlations(
 ) -> ActivationStats:
     """Correlation matrices of A's and B's units per permutation, summed over its activation points,
     from one pass over the first `samples` training images (see the module docstring)."""
+    from .. import progress
     from ..models import forward_hooks  # here: lmcx.models itself imports lmcx.permutation
 
     t0 = time.perf_counter()
@@ -149,7 +150,8 @@ def activation_correlations(
     model_b.eval()
     try:
         with forward_hooks(model_a, _store_outputs(points, acts_a)), \
-                forward_hooks(model_b, _store_outputs(points, acts_b)):
+                forward_hooks(model_b, _store_outputs(points, acts_b)), \
+                progress.task("activation matching", total=-(-used // batch_size), unit="batch") as bar:
             for start in range(0, used, batch_size):
                 x = ds.normalize(x_train[start:start + batch_size].to(device))
                 acts_a.clear()
@@ -168,6 +170,7 @@ def activation_correlations(
                     moments[name].add(ra, rb)
                     if pre_moments[name] is not None:
                         pre_moments[name].add(_rows(acts_a["pre:" + name]), _rows(acts_b["pre:" + name]))
+                bar.advance(1, images=min(start + batch_size, used))
     finally:
         model_a.train(was[0])
         model_b.train(was[1])
