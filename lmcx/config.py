@@ -90,6 +90,7 @@ class TrainJob:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: str | None = None  # run directory; default: see lmcx/names.py
     track: Literal["none", "tensorboard"] = "none"  # experiment tracking (lmcx/tracking.py)
+    threads: int | str = "auto"  # CPU threads: auto | N (below --threads and $LMCX_THREADS; lmcx/threads.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,10 +115,13 @@ class MatchConfig:
     method: Literal["wm", "am", "ste"] = "wm"
     seed: int = 0
     max_iter: int = 100  # weight matching sweeps (MergeMany: also rounds)
+    tol: float = 1e-5  # weight matching stops after a sweep lowering ||A - pi(B)||^2 by less than tol of itself
+    start: Literal["forward", "identity"] = "forward"  # weight matching's start (lmcx/permutation/weight_matching.py)
     am_samples: int = 5000  # training images whose activations are correlated
     am_batch_size: int = 500  # images per forward pass in activation matching
     many: Literal["anchor", "merge-many"] = "anchor"  # three or more models
     ste: SteConfig = field(default_factory=SteConfig)
+    threads: int | str = "auto"  # CPU threads: auto | N (below --threads and $LMCX_THREADS; lmcx/threads.py)
 
 
 @dataclass
@@ -137,6 +141,7 @@ class InterpolateConfig:
     eval_batch_size: int = 2000  # images per forward pass when evaluating θ(λ)
     precision: Literal["auto", "fp32", "bf16"] = "fp32"  # fp32: barriers are small differences of losses
     calibrate: bool = False
+    threads: int | str = "auto"  # CPU threads: auto | N (below --threads and $LMCX_THREADS; lmcx/threads.py)
 
 
 @dataclass
@@ -147,6 +152,7 @@ class SvdConfig:
     weighted: bool = False  # also report the singular-value-weighted alignment
     wm_seed: int = 0  # weight matching run on the fly when no permutation is given
     wm_max_iter: int = 100
+    threads: int | str = "auto"  # CPU threads: auto | N (below --threads and $LMCX_THREADS; lmcx/threads.py)
 
 
 @dataclass
@@ -158,6 +164,7 @@ class LewcConfig:
     batch_size: int = 250  # images per forward pass (lower it for wide conv nets)
     norm_fix_batches: int = 10  # training batches for BN reset / REPAIR statistics of each θ(λ)
     norm_fix_batch_size: int = 500
+    threads: int | str = "auto"  # CPU threads: auto | N (below --threads and $LMCX_THREADS; lmcx/threads.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +203,7 @@ class ExperimentConfig:
     # `lmcx run --launcher slurm`: submitit SlurmExecutor parameters (partition, time in minutes or
     # timeout_min, gpus_per_node, cpus_per_task, mem or mem_gb, account, ...); see lmcx/slurm.py
     slurm: Any = field(default_factory=dict)
+    threads: int | str = "auto"  # CPU threads: auto | N (below --threads and $LMCX_THREADS; lmcx/threads.py)
 
 
 # ---------------------------------------------------------------------------------------------

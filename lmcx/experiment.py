@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from . import progress
 from .config import ExperimentConfig, TrainJob, to_dict
 from .console import console
 from .errors import LmcxError
@@ -22,6 +23,7 @@ from .io import write_json, write_yaml
 from .layout import (EXPERIMENT_FILE, STEPS_FILE, experiment_dir, pair_dir, seed_pairs, three_dir,
                      train_dir, width_tag)
 from .rundir import INPUT_PATH_KEYS, check_settings, claim, is_complete, run_once
+from .threads import thread_info
 
 
 @dataclass
@@ -176,38 +178,43 @@ def _run_steps(cfg: ExperimentConfig, root: Path, steps: list[Step], force: bool
     earlier = _read_steps(root)
     results: dict[str, dict[str, Any]] = {}
     failed: set[str] = set()
-    for i, step in enumerate(steps, 1):
-        blocked = [n.label for n in step.needs if n.label in failed]
-        if blocked:
-            failed.add(step.label)
-            results[step.label] = {"status": "blocked", "reason": f"needs {blocked[0]}, which failed",
-                                   "out": str(step.out)}
-            console.print(f"[{i}/{len(steps)}] {step.label}: blocked (needs {blocked[0]}, which failed)", markup=False)
-            write_json(root / STEPS_FILE, results)  # recorded even when it is the last step
-            continue
-        started = time.perf_counter()
-        try:
-            status = run_once(step.out, step.settings, [step.marker], step.action, force=force, wait=True,
-                              keep=step.keep, marker=step.marker, ignore=INPUT_PATH_KEYS)
-            seconds = round(time.perf_counter() - started, 2)
-            results[step.label] = {"status": status, "out": str(step.out), "seconds": seconds}
-            if status == "skipped" and "seconds_when_done" in earlier.get(step.label, {}):
-                results[step.label]["seconds_when_done"] = earlier[step.label]["seconds_when_done"]
-            elif status == "done":
-                results[step.label]["seconds_when_done"] = seconds
-            console.print(f"[{i}/{len(steps)}] {step.label}: {status} ({time.perf_counter() - started:.1f} s)",
-                          markup=False)
-        except LmcxError as e:
-            failed.add(step.label)
-            results[step.label] = {"status": "failed", "reason": str(e), "out": str(step.out)}
-            console.print(f"[{i}/{len(steps)}] {step.label}: FAILED: {e}", markup=False)
-        except Exception as e:  # noqa: BLE001 - one broken step must not stop the sweep; the reason is kept
-            failed.add(step.label)
-            reason = f"{type(e).__name__}: {e}"
-            results[step.label] = {"status": "failed", "reason": reason, "out": str(step.out),
-                                   "traceback": traceback.format_exc()}
-            console.print(f"[{i}/{len(steps)}] {step.label}: FAILED: {reason}", markup=False)
-        write_json(root / STEPS_FILE, results)
+    with progress.task(f"run {cfg.name}", total=len(steps), unit="step") as bar:
+        for i, step in enumerate(steps, 1):
+            blocked = [n.label for n in step.needs if n.label in failed]
+            bar.update(step=step.label)
+            if blocked:
+                failed.add(step.label)
+                results[step.label] = {"status": "blocked", "reason": f"needs {blocked[0]}, which failed",
+                                       "out": str(step.out)}
+                console.print(f"[{i}/{len(steps)}] {step.label}: blocked (needs {blocked[0]}, which failed)",
+                              markup=False)
+                write_json(root / STEPS_FILE, results)  # recorded even when it is the last step
+                bar.advance(1)
+                continue
+            started = time.perf_counter()
+            try:
+                status = run_once(step.out, step.settings, [step.marker], step.action, force=force, wait=True,
+                                  keep=step.keep, marker=step.marker, ignore=INPUT_PATH_KEYS)
+                seconds = round(time.perf_counter() - started, 2)
+                results[step.label] = {"status": status, "out": str(step.out), "seconds": seconds}
+                if status == "skipped" and "seconds_when_done" in earlier.get(step.label, {}):
+                    results[step.label]["seconds_when_done"] = earlier[step.label]["seconds_when_done"]
+                elif status == "done":
+                    results[step.label].update(seconds_when_done=seconds, threads=thread_info())
+                console.print(f"[{i}/{len(steps)}] {step.label}: {status} ({time.perf_counter() - started:.1f} s)",
+                              markup=False)
+            except LmcxError as e:
+                failed.add(step.label)
+                results[step.label] = {"status": "failed", "reason": str(e), "out": str(step.out)}
+                console.print(f"[{i}/{len(steps)}] {step.label}: FAILED: {e}", markup=False)
+            except Exception as e:  # noqa: BLE001 - one broken step must not stop the sweep; the reason is kept
+                failed.add(step.label)
+                reason = f"{type(e).__name__}: {e}"
+                results[step.label] = {"status": "failed", "reason": reason, "out": str(step.out),
+                                       "traceback": traceback.format_exc()}
+                console.print(f"[{i}/{len(steps)}] {step.label}: FAILED: {reason}", markup=False)
+            write_json(root / STEPS_FILE, results)
+            bar.advance(1)
     write_report(root)
     return results
 

@@ -29,7 +29,8 @@ CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
 MANIFEST_FILE = ".outputs.json"  # the files a finished step vouches for
 # Settings that do not change a result: a finished run is still valid when only these differ.
-NON_RESULT_KEYS = {"device", "out", "data.root", "data.download", "train.compile", "train.eval_batch_size", "track"}
+NON_RESULT_KEYS = {"device", "out", "data.root", "data.download", "train.compile", "train.eval_batch_size", "track",
+                   "threads", "match.threads", "interpolate.threads", "svd.threads", "lewc.threads"}
 # Settings naming input files, compared as locations: the same experiment given with an absolute --out
 # (or a relative one) still matches its finished steps.
 INPUT_PATH_KEYS = ("a", "b", "perm", "perms", "b_permuted")

@@ -1,4 +1,5 @@
-"""How many CPU threads PyTorch may use: `--threads N|auto`, else $LMCX_THREADS, else auto.
+"""How many CPU threads PyTorch may use: `--threads N|auto`, else $LMCX_THREADS, else the config
+file's `threads` key, else OMP_NUM_THREADS, else auto.
 
 PyTorch's own default (one thread per core) is a bad choice on a shared machine: every parallel region
 ends in a barrier that waits for whichever thread the scheduler has just taken off its core, so with
@@ -17,7 +18,9 @@ models, where a second thread buys little on an idle machine and costs a lot on 
 
 `apply` runs once, in the CLI's root callback, before torch is imported: it sets OMP_NUM_THREADS and
 MKL_NUM_THREADS (so child processes inherit the choice too) and, if torch is already loaded, calls
-torch.set_num_threads. `thread_info()` is the record of the choice that runs write into meta.json.
+torch.set_num_threads. `apply_config` runs once the command has read its config file: a `threads: N`
+there replaces a choice that came from OMP_NUM_THREADS or auto. `thread_info()` is the record of the
+choice that runs write into their results (meta.json, metrics.json, barrier.json, ...).
 Library callers that never call `apply` keep whatever threads they configured.
 
 The thread count can change the last bits of a CPU run's results (reductions are split differently):
@@ -95,8 +98,21 @@ def choose(requested: str | int | None = None) -> dict[str, Any]:
 
 def apply(requested: str | int | None = None) -> dict[str, Any]:
     """Choose (see `choose`) and set the thread count for torch and for child processes."""
+    return _use(choose(requested))
+
+
+def apply_config(value: str | int | None) -> dict[str, Any]:
+    """A config file's `threads` key (`auto` or N): it ranks below --threads and $LMCX_THREADS and above
+    OMP_NUM_THREADS and auto, so it replaces a choice that `apply` made from those two."""
+    n = parse(value, "threads")
+    if n is None or _info.get("source") in ("--threads", ENV):
+        return thread_info()
+    return _use({"threads": n, "source": "config", "cores": available_cores()})
+
+
+def _use(info: dict[str, Any]) -> dict[str, Any]:
     global _info
-    _info = choose(requested)
+    _info = info
     n = _info["threads"]
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
     if "torch" in sys.modules:

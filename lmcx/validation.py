@@ -37,6 +37,15 @@ def _require_distinct_names(values: list[float], key: str, where: str, prefix: s
                  "significant digits); drop one or make them differ within those digits")
 
 
+def _require_threads(value: Any, key: str) -> None:
+    from .threads import parse
+
+    try:
+        parse(value, key)
+    except LmcxError:
+        raise LmcxError(f"{key}: must be auto or a positive integer, got {value!r}") from None
+
+
 def _require_loop(cfg: Any, p: str) -> None:
     """epochs, lr and batch_size of an optimisation loop (TrainConfig, SteConfig)."""
     _require(cfg.epochs > 0, f"{p}epochs", f"must be > 0, got {cfg.epochs}")
@@ -93,14 +102,17 @@ def check_train_job(cfg: Any, p: str) -> None:
     _require(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), f"{p}device",
              f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     _require_seed(cfg.seed, f"{p}seed")
+    _require_threads(cfg.threads, f"{p}threads")
 
 
 def check_match(cfg: Any, p: str) -> None:
     """Ranges of a MatchConfig."""
     _require(cfg.max_iter > 0, f"{p}max_iter", "must be > 0")
+    _require(cfg.tol >= 0, f"{p}tol", f"must be >= 0 (0: stop only when a sweep improves nothing), got {cfg.tol}")
     _require(cfg.am_samples > 0, f"{p}am_samples", "must be > 0")
     _require(cfg.am_batch_size > 0, f"{p}am_batch_size", "must be > 0")
     _require_seed(cfg.seed, f"{p}seed")
+    _require_threads(cfg.threads, f"{p}threads")
 
 
 def check_ste(cfg: Any, p: str) -> None:
@@ -121,6 +133,7 @@ def check_interpolate(cfg: Any, p: str) -> None:
     _require(cfg.norm_fix_batches > 0, f"{p}norm_fix_batches", "must be > 0")
     _require(cfg.norm_fix_batch_size >= 2, f"{p}norm_fix_batch_size", "must be >= 2 (batch statistics)")
     _require(cfg.eval_batch_size > 0, f"{p}eval_batch_size", "must be > 0")
+    _require_threads(cfg.threads, f"{p}threads")
 
 
 def check_svd(cfg: Any, p: str) -> None:
@@ -129,6 +142,7 @@ def check_svd(cfg: Any, p: str) -> None:
     _require_distinct_names(cfg.gammas, f"{p}gammas", "report columns")
     _require(cfg.wm_max_iter > 0, f"{p}wm_max_iter", "must be > 0")
     _require_seed(cfg.wm_seed, f"{p}wm_seed")
+    _require_threads(cfg.threads, f"{p}threads")
 
 
 def check_lewc(cfg: Any, p: str) -> None:
@@ -139,11 +153,16 @@ def check_lewc(cfg: Any, p: str) -> None:
     _require(cfg.batch_size > 0, f"{p}batch_size", "must be > 0")
     _require(cfg.norm_fix_batches > 0, f"{p}norm_fix_batches", "must be > 0")
     _require(cfg.norm_fix_batch_size > 0, f"{p}norm_fix_batch_size", "must be > 0")
+    _require_threads(cfg.threads, f"{p}threads")
 
 
 def check_experiment(cfg: Any, p: str) -> None:
     """Ranges of a ExperimentConfig."""
     # everything that would otherwise fail half-way through a sweep fails here, before any training
+    _require_threads(cfg.threads, f"{p}threads")
+    for section in ("match", "interpolate", "svd", "lewc"):  # one process runs every step: one thread count
+        _require(getattr(cfg, section).threads == "auto", f"{p}{section}.threads",
+                 "set threads once, at the top level of the experiment")
     _require(bool(cfg.widths), f"{p}widths", "list at least one width multiplier, e.g. widths: [1, 2]")
     _require(all(w > 0 for w in cfg.widths), f"{p}widths", f"every width must be > 0, got {cfg.widths}")
     _require(len(cfg.seeds) >= 2, f"{p}seeds", "list at least two seeds (a pair of models), e.g. seeds: [0, 1]")

@@ -34,11 +34,23 @@ def _summary(root):
         return list(csv.DictReader(f))
 
 
-def test_run_writes_report_and_rerun_is_incremental(tmp_path, cli):
+def test_run_writes_report_and_rerun_is_incremental(tmp_path, cli, monkeypatch):
     exp = write_yaml(tmp_path / "exp.yaml", EXPERIMENT)
     out = tmp_path / "out"
+    monkeypatch.setenv("LMCX_PROGRESS_INTERVAL", "0")  # a progress line at every chance
     result = cli("run", exp, "--out", out)
+    monkeypatch.delenv("LMCX_PROGRESS_INTERVAL")
     assert result.code == 0, result.err
+    steps = json.loads((out / "steps.json").read_text())
+    run_lines = [line for line in result.err.splitlines() if line.startswith("run tiny: ")]
+    assert len(run_lines) >= 2 * len(steps) and f"{len(steps)}/{len(steps)} step (100%)" in run_lines[-1]
+    assert any(line.startswith(("interpolate: ", "svd: ", "lewc layers: ", "weight matching: "))
+               for line in result.err.splitlines())
+    assert all(entry["threads"]["torch_threads"] >= 1 for entry in steps.values())  # each step's thread record
+    for f in out.rglob("*"):  # progress goes to the terminal only, never into a result file
+        if f.suffix in (".json", ".csv", ".yaml", ".md"):
+            text = f.read_text()
+            assert not any(unit in text for unit in ("step/s", "batch/s", "λ/s", "sweep/s", "layer/s")), f
     for name in ("report.md", "summary.csv", "steps.json", "experiment.yaml", "plots/barrier_vs_width.png",
                  "plots/curves_w0.125.png", "train/w0.125-s0/model.safetensors", "match/w0.125-s0-s1-wm/permuted.safetensors",
                  "interpolate/w0.125-s0-s1/barrier.json", "svd/w0.125-s0-s1/svd.json", "lewc/w0.125-s0-s1-wm/lewc.json"):
@@ -110,3 +122,10 @@ def test_killed_run_resumes_to_the_same_report(tmp_path):
     assert not (tmp_path / "killed" / "report.md").exists(), "the run finished before it could be killed"
     subprocess.run(run + [str(tmp_path / "killed")], env=env, check=True, capture_output=True)
     assert _summary(tmp_path / "killed") == _summary(tmp_path / "full")
+
+
+def test_threads_only_at_the_top_of_an_experiment(tmp_path, cli):
+    ok = write_yaml(tmp_path / "ok.yaml", EXPERIMENT + "threads: 1\n")
+    assert cli("run", ok, "--out", tmp_path / "out", "--dry-run").code == 0
+    nested = write_yaml(tmp_path / "nested.yaml", EXPERIMENT.replace("interpolate: {", "interpolate: {threads: 2, "))
+    assert_clean_error(cli("run", nested, "--out", tmp_path / "out"), "interpolate.threads", "top level")

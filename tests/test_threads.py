@@ -102,3 +102,37 @@ def test_cli_threads_option_before_or_after_the_subcommand(cli, synthetic_config
     assert result.code == 0, result.err
     recorded = json.loads((run / "meta.json").read_text())["threads"]
     assert recorded["threads"] == 1 and recorded["source"] == "--threads" and recorded["torch_threads"] == 1
+
+
+def test_config_key_ranks_between_the_environment_and_omp(policy, monkeypatch):
+    monkeypatch.setattr(threads, "available_cores", lambda: 8)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0)
+    monkeypatch.setattr(threads, "USER_OMP", "5")
+    threads.apply(None)  # OMP_NUM_THREADS=5: the config key replaces it
+    assert threads.apply_config(3) == {"threads": 3, "source": "config", "cores": 8, "torch_threads": torch.get_num_threads()}
+    assert policy[-1] == 3
+    monkeypatch.setattr(threads, "USER_OMP", None)
+    threads.apply(None)  # auto: replaced too
+    assert threads.apply_config("2")["threads"] == 2
+    assert threads.apply_config("auto")["threads"] == 2  # auto in the config leaves the choice as it is
+    threads.apply("4")  # --threads wins over the config
+    assert threads.apply_config(3)["threads"] == 4
+    monkeypatch.setenv(threads.ENV, "6")  # and so does $LMCX_THREADS
+    threads.apply(None)
+    assert threads.apply_config(3)["threads"] == 6 and threads.thread_info()["source"] == threads.ENV
+
+
+def test_config_key_in_a_train_config(cli, synthetic_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.setattr(threads, "USER_OMP", None)
+    monkeypatch.setattr(threads, "_set_torch", lambda n: None)  # later tests keep torch's one thread
+    monkeypatch.setattr(threads, "_info", {})
+    assert_clean_error(cli("train", "-c", synthetic_config, "--set", "threads=0"), "threads", "auto or a positive")
+    run = tmp_path / "run"
+    assert cli("train", "-c", synthetic_config, "--out", run, "--set", "threads=1").code == 0
+    recorded = json.loads((run / "meta.json").read_text())["threads"]
+    assert recorded["threads"] == 1 and recorded["source"] == "config"
+    again = cli("train", "-c", synthetic_config, "--out", run, "--set", "threads=2")
+    assert again.code == 0 and "already complete" in again.err  # the thread count is not a result setting

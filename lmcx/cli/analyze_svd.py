@@ -41,9 +41,12 @@ def analyze_svd(
     lmcx analyze-svd --a runs/s0 --b runs/s1 --perm runs/wm/permutation.json
     """
     from ..config import load_config, to_dict
+    from ..threads import apply_config
 
     cfg = load_config(SvdConfig, config, overrides({"gammas": list(gamma) if gamma else None,
                                                     "weighted": True if weighted else None}, set_))
+
+    apply_config(cfg.threads)  # the config's `threads` key, ranked by lmcx/threads.py
     from ..analysis.pair import check_permutation_source  # only now: torch loads here, a config error needs none
     from ..analysis.svd import SVD_OUTPUTS, analyze_svd_checkpoints
     from ..console import console

@@ -61,7 +61,8 @@ def root(
                                           help="Print the version and exit.")] = False,
     threads: Annotated[Optional[str], typer.Option(
         "--threads", metavar="N|auto", show_default="auto",
-        help="CPU threads for PyTorch (else $LMCX_THREADS, else OMP_NUM_THREADS if set, else auto: the cores "
+        help="CPU threads for PyTorch (else $LMCX_THREADS, else the config's `threads` key, else OMP_NUM_THREADS "
+             "if set, else auto: the cores "
              "other processes leave free, 1 for small models). Also accepted after the subcommand.")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", show_default=OFF, help="No progress bars or progress lines (also $LMCX_QUIET=1); results and errors still print.")] = False,

@@ -85,10 +85,13 @@ def interpolate(
     lmcx interpolate --a runs/s0 --b runs/s1 --b runs/wm/permuted.safetensors
     """
     from ..config import load_config, to_dict
+    from ..threads import apply_config
     from ..errors import LmcxError
 
     cfg = load_config(InterpolateConfig, config, overrides(
         {"points": points, "norm_fix": norm_fix, "calibrate": True if calibrate else None}, set_))
+
+    apply_config(cfg.threads)  # the config's `threads` key, ranked by lmcx/threads.py
     track = track or "none"
     perms: list[str | None] | None = None
     if perm:

@@ -44,9 +44,12 @@ def lewc(
     lmcx lewc --a runs/s0 --b runs/s1 --perm runs/wm/permutation.json --lambda 0.5
     """
     from ..config import load_config, to_dict
+    from ..threads import apply_config
 
     cfg = load_config(LewcConfig, config, overrides({"lambdas": list(lambda_) if lambda_ else None,
                                                      "samples": samples}, set_))
+
+    apply_config(cfg.threads)  # the config's `threads` key, ranked by lmcx/threads.py
     from ..analysis.lewc_run import LEWC_OUTPUTS, lewc_checkpoints  # only now: torch loads here
     from ..analysis.pair import check_permutation_source
     from ..console import console

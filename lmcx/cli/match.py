@@ -48,9 +48,12 @@ def match(
     lmcx match --method ste --a runs/s0 --b runs/s1 --set ste.epochs=1
     """
     from ..config import load_config, to_dict
+    from ..threads import apply_config
 
     cfg = load_config(MatchConfig, config, overrides(
         {"method": method, "many": many, "seed": seed, "max_iter": max_iter}, set_))
+
+    apply_config(cfg.threads)  # the config's `threads` key, ranked by lmcx/threads.py
     from ..console import console  # only now: torch loads below, and a config error needs none of it
     from ..io import read_json
     from ..match import METRICS_FILE, match_checkpoints, match_outputs, summary_lines

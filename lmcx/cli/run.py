@@ -43,10 +43,12 @@ def run(
     from ..config import ExperimentConfig, load_config
     from ..errors import LmcxError
     from ..rundir import lock_timeout
+    from ..threads import apply_config
 
     lock_timeout()  # a bad LMCX_LOCK_TIMEOUT is bad input now, not a failure of whichever step has to wait
     cfg = load_config(ExperimentConfig, experiment, overrides(
         {"out": out, "device": device, "data.root": data_root, "track": track}, set_))
+    apply_config(cfg.threads)  # the config's `threads` key, ranked by lmcx/threads.py
     if launcher not in ("local", "slurm"):
         raise LmcxError(f"--launcher {launcher!r}: choose local or slurm")
     if wait and launcher != "slurm":

@@ -48,6 +48,7 @@ def train(
     lmcx train -c configs/digits_mlp.yaml --seed 1 --out runs/s1
     """
     from ..config import load_config
+    from ..threads import apply_config
     from ..errors import LmcxError
 
     if force and resume:
@@ -56,6 +57,8 @@ def train(
     job = load_config(TrainJob, config, overrides(
         {"model.width": width, "seed": seed, "model.arch": arch, "data.name": dataset, "train.epochs": epochs,
          "device": device, "data.root": data_root, "out": out, "track": track}, set_))
+
+    apply_config(job.threads)  # the config's `threads` key, ranked by lmcx/threads.py
     from ..console import console  # only now: torch loads below, and a config error needs none of it
     from ..names import train_dir
     from ..train import train_run
