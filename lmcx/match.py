@@ -68,8 +68,9 @@ def match_pair(spec, a: Checkpoint, b: Checkpoint, cfg: MatchConfig, device: tor
     if cfg.method == "wm":
         sa = {k: v.to(device) for k, v in a.state.items()}
         sb = {k: v.to(device) for k, v in b.state.items()}
-        r = weight_matching(spec, sa, sb, max_iter=cfg.max_iter, seed=cfg.seed)
-        return r.perm, {"iterations": r.iterations, "converged": r.converged, "objective": r.objective,
+        r = weight_matching(spec, sa, sb, max_iter=cfg.max_iter, seed=cfg.seed, start=cfg.start, tol=cfg.tol,
+                            show_progress=True)
+        return r.perm, {"iterations": r.iterations, "converged": r.converged, "stop": r.stop, "objective": r.objective,
                         "solves": r.solves, "lap_seconds": r.lap_seconds, "match_seconds": r.seconds}
     model_a = build_from_checkpoint(a, device)
     model_b = build_from_checkpoint(b, device)
@@ -150,6 +151,7 @@ def match_checkpoints(a_path, b_paths: list, cfg: MatchConfig, out_dir, device: 
     docstring into `out_dir`; returns what metrics.json holds."""
     from .models import permutation_coverage, permutation_spec
     from .permutation import l2_distance, merge_many
+    from .threads import thread_info
     from .train import resolve_device
 
     t_start = time.perf_counter()
@@ -211,7 +213,7 @@ def match_checkpoints(a_path, b_paths: list, cfg: MatchConfig, out_dir, device: 
         "method": method, "method_name": METHOD_NAMES[method], "seed": cfg.seed, "a": str(a.path),
         "b": [str(b.path) for b in bs], "device": str(dev),
         "architecture": a.model.arch, "width": a.model.width, "norm": a.model.norm, "dataset": a.data.name,
-        "settings": settings,
+        "settings": settings, "threads": thread_info(),
         "permutation_spec": {  # traced from the model (lmcx/models/specs.py): what it permutes, what it pins and why
             "permutations": coverage.permutations, "tensors": coverage.tensors,
             "tensors_permuted": coverage.tensors_permuted, "axes": coverage.axes,

@@ -5,11 +5,14 @@
     python scripts/bench_wm_floor.py --orders 4            # + best of 4 random sweep orders (seeds 0..3)
     python scripts/bench_wm_floor.py --models mlp:1 resnet20:2 --quick-probe
 
-Nothing in lmcx is changed: the script wraps, for one call of `weight_matching`, the module's
-`_cost_matrix` (timed, FLOPs counted: 2·n²·fan for each parameter a permutation acts on), `_gain` (the
-exact float64 checks of candidates: timed, changed units counted) and scipy's `linear_sum_assignment`
-(timed per solve, on the real cost matrices), and counts sweeps (one `torch.randperm` per sweep). With
-one thread (the default) every time is process CPU time, which other processes' load barely inflates;
+Nothing in lmcx is changed: the script wraps, for one call of `weight_matching`, its cost matrices
+(`wm_costs.Costs.matrix`: timed; FLOPs counted as if every cost matrix were computed from scratch,
+2·n²·fan for each term used, and as computed: a permutation's constant terms are computed once), its
+float64 work (exact gains of candidates too close to call from the cost matrix, and the exact
+objective: timed), scipy's `linear_sum_assignment` (timed per solve, on the real cost matrices) and
+the search's steps (which sweep a solve belongs to, the forward start being sweep 1; which candidates
+were accepted). With one
+thread (the default) every time is process CPU time, which other processes' load barely inflates;
 with more, wall clock. A matmul probe measures this machine's float32 GFLOP/s at the model's largest
 cost-matrix shape (one thread by default), and
 
@@ -47,56 +50,70 @@ class Recorder:
 
         self.wm, self.spec, self.scipy = wm, spec, scipy.optimize
         self.cost_s = self.gain_s = self.lap_s = 0.0
-        self.flops = 0
-        self.solves: list[dict] = []  # one per LAP: size, seconds, sweep
-        self.candidates: list[dict] = []  # assignments that differed from the current one: p, sweep, units moved, gain
-        self._candidate = None  # the candidate permutation dict being checked (held, so it is not confused with a later one)
-        self.sweep = -1
+        self.flops = 0  # of every cost matrix computed from scratch: what the floor counts
+        self.done_flops = 0  # of the products computed (the constant terms of each p are computed once)
+        self.solves: list[dict] = []  # one per LAP: size, seconds, sweep (0: the forward start)
+        self.candidates: list[dict] = []  # assignments that differed from the current one: sweep, units moved, accepted
+        self.forward_moved = 0
 
     def __enter__(self):
-        import torch
+        wm, rec = self.wm, self
+        search, costs = wm._Search, wm.Costs
+        self.orig = (costs.matrix, wm.exact_gain, search.exact_objective, self.scipy.linear_sum_assignment,
+                     search.solve, search.estimate, search.improve, search.forward)
+        o_matrix, o_gain, o_objective, o_lap, o_solve, o_estimate, o_improve, o_forward = self.orig
 
-        wm, spec, rec = self.wm, self.spec, self
-        self.orig = (wm._cost_matrix, wm._gain, self.scipy.linear_sum_assignment, torch.randperm)
-        orig_cost, orig_gain, orig_lap, orig_randperm = self.orig
-
-        def randperm(*args, **kwargs):  # each sweep draws its order once
-            rec.sweep += 1
-            return orig_randperm(*args, **kwargs)
-
-        def cost_matrix(spec_, perm, p, n, a, b):
-            t = clock()
-            out = orig_cost(spec_, perm, p, n, a, b)
+        def matrix(self_, p, perm, use=None):
+            t, done = clock(), self_.flops
+            out = o_matrix(self_, p, perm, use)
             rec.cost_s += clock() - t
-            rec.flops += sum(2 * n * n * (a[k].numel() // n) for k, _ in spec.perm_to_axes[p] if k in a)
+            n = self_.sizes[p]
+            rec.flops += sum(2 * n * n * term.fan for term in self_.terms[p] if use is None or use(term) or not term.others)
+            rec.done_flops += self_.flops - done
             return out
+
+        def timed(fn):
+            def wrapped(*args, **kwargs):
+                t = clock()
+                out = fn(*args, **kwargs)
+                rec.gain_s += clock() - t
+                return out
+            return wrapped
 
         def lap(cost, maximize=False):
             t = clock()
-            out = orig_lap(cost, maximize=maximize)
-            dt = clock() - t
-            rec.lap_s += dt
-            rec.solves.append({"n": cost.shape[0], "s": dt, "sweep": rec.sweep})
+            out = o_lap(cost, maximize=maximize)
+            rec.solves[-1]["s"] = clock() - t
+            rec.lap_s += rec.solves[-1]["s"]
             return out
 
-        def gain(spec_, perm, new_perm, p, key, a, b):
-            t = clock()
-            out = orig_gain(spec_, perm, new_perm, p, key, a, b)
-            rec.gain_s += clock() - t
-            if new_perm is not rec._candidate:  # one candidate is checked parameter by parameter, in a row
-                rec._candidate = new_perm
-                rec.candidates.append({"p": p, "sweep": rec.sweep, "gain": 0.0,
-                                       "moved": int((perm[p] != new_perm[p]).sum())})
-            rec.candidates[-1]["gain"] += out
-            return out
+        def solve(self_, p, cost):
+            rec.solves.append({"n": cost.shape[0], "s": 0.0, "sweep": self_.iterations - 1})
+            return o_solve(self_, p, cost)
 
-        wm._cost_matrix, wm._gain, self.scipy.linear_sum_assignment, torch.randperm = cost_matrix, gain, lap, randperm
+        def estimate(self_, p, cost_np, rows, new, old):
+            rec.candidates.append({"sweep": self_.iterations - 1, "moved": len(rows), "accepted": False})
+            return o_estimate(self_, p, cost_np, rows, new, old)
+
+        def improve(self_, p):
+            units, exact = o_improve(self_, p)
+            if units:
+                rec.candidates[-1]["accepted"] = True
+            return units, exact
+
+        def forward(self_):
+            rec.forward_moved = o_forward(self_)
+            return rec.forward_moved
+
+        costs.matrix, wm.exact_gain, search.exact_objective = matrix, timed(o_gain), timed(o_objective)
+        self.scipy.linear_sum_assignment = lap
+        search.solve, search.estimate, search.improve, search.forward = solve, estimate, improve, forward
         return self
 
     def __exit__(self, *exc):
-        import torch
-
-        self.wm._cost_matrix, self.wm._gain, self.scipy.linear_sum_assignment, torch.randperm = self.orig
+        wm, search = self.wm, self.wm._Search
+        (wm.Costs.matrix, wm.exact_gain, search.exact_objective, self.scipy.linear_sum_assignment,
+         search.solve, search.estimate, search.improve, search.forward) = self.orig
 
 
 def gflops(n: int, fan: int, repeats: int = 3) -> float:
@@ -154,7 +171,7 @@ def profile(name: str, cfg, a, b, args) -> None:
     sizes = perm_sizes(spec, a)
     with Recorder(wm, spec) as rec:
         c0 = clock()
-        res = wm.weight_matching(spec, a, b, seed=args.seed)
+        res = wm.weight_matching(spec, a, b, seed=args.seed, tol=args.tol, init_perm=start(args, spec, b))
         total = clock() - c0
     solves_by_n: dict[int, list[float]] = defaultdict(list)
     for s in rec.solves:
@@ -169,10 +186,12 @@ def profile(name: str, cfg, a, b, args) -> None:
     other = total - rec.cost_s - rec.lap_s - rec.gain_s
     l2 = l2_distance(a, apply_permutation(spec, res.perm, b))[0]
     print(f"\n{name}: {len(spec.names)} permutations, sizes {sorted(set(sizes.values()))}; {res.iterations} sweeps, "
-          f"{res.solves} solves; WM {total:.2f} s ({res.seconds:.2f} s wall); L2 {l2_distance(a, b)[0]:.3f} -> {l2:.3f}")
-    print(f"  time: cost matrices {rec.cost_s:.2f} s ({rec.cost_s / total:.0%}, {rec.flops / 1e9:.1f} GFLOP = "
-          f"{rec.flops / 1e9 / max(rec.cost_s, 1e-9):.1f} GFLOP/s), LAP {rec.lap_s:.2f} s ({rec.lap_s / total:.0%}), "
-          f"float64 checks {rec.gain_s:.2f} s ({rec.gain_s / total:.0%}), other {other:.2f} s ({other / total:.0%})")
+          f"{res.solves} solves, stop: {res.stop}; WM {total:.2f} s ({res.seconds:.2f} s wall); "
+          f"L2 {l2_distance(a, b)[0]:.3f} -> {l2:.4f}")
+    print(f"  time: cost matrices {rec.cost_s:.2f} s ({rec.cost_s / total:.0%}, {rec.flops / 1e9:.1f} GFLOP from scratch, "
+          f"{rec.done_flops / 1e9:.1f} GFLOP computed = {rec.done_flops / 1e9 / max(rec.cost_s, 1e-9):.1f} GFLOP/s), LAP {rec.lap_s:.2f} s ({rec.lap_s / total:.0%}), "
+          f"float64 ({res.exact_checks} exact gains, exact objective) {rec.gain_s:.2f} s ({rec.gain_s / total:.0%}), "
+          f"other {other:.2f} s ({other / total:.0%})")
     print("  floor: LAP " + " + ".join(f"{statistics.mean(ts) * 1e3:.2f} ms x {len(ts)} (n={n})"
                                       for n, ts in sorted(solves_by_n.items()))
           + f" = {lap_floor:.2f} s; FLOPs {rec.flops / 1e9:.1f} GFLOP / {rate:.1f} GFLOP/s (probe {n_big}x{fan_big}) = "
@@ -183,28 +202,39 @@ def profile(name: str, cfg, a, b, args) -> None:
     for c in rec.candidates:
         row = by_sweep[c["sweep"]]
         row["changed"] += 1
-        row["moved"] += c["moved"]
-        row["accepted"] += c["gain"] > 0
+        row["moved"] += c["moved"] if c["accepted"] else 0
+        row["accepted"] += c["accepted"]
+    if args.start == "forward":  # the forward start: every solve sets its permutation; kept as a whole or not
+        by_sweep[0].update(changed="-", accepted="-", moved=rec.forward_moved)
     print("  sweep: solves / changed the assignment / accepted / units moved; objective gain")
     obj = res.objective
     for i in sorted(by_sweep):
         r = by_sweep[i]
         gain = obj[i + 1] - obj[i] if i + 1 < len(obj) else float("nan")
         print(f"    {i + 1:>3}: {r['solves']:>3} / {r['changed']:>3} / {r['accepted']:>3} / {r['moved']:>6}; {gain:+.4g}")
-    unchanged = res.solves - len(rec.candidates)
-    print(f"  {unchanged} of {res.solves} solves ({unchanged / max(res.solves, 1):.0%}) returned the current assignment")
+    descent = sum(1 for s in rec.solves if s["sweep"] > 0 or args.start != "forward")
+    unchanged = descent - len(rec.candidates)
+    print(f"  {unchanged} of the {descent} solves after the start ({unchanged / max(descent, 1):.0%}) returned the "
+          "current assignment")
     stopping_rules(res.objective, [by_sweep[i]["solves"] for i in sorted(by_sweep)], wm.matchable_params(spec, a, b), a, b)
     if args.orders > 1:
         rows = []
         for seed in range(args.orders):
             t = clock()
-            r = wm.weight_matching(spec, a, b, seed=seed)
+            r = wm.weight_matching(spec, a, b, seed=seed, tol=args.tol, init_perm=start(args, spec, b))
             rows.append((seed, r.iterations, r.solves, clock() - t, l2_distance(a, apply_permutation(spec, r.perm, b))[0]))
         best = min(rows, key=lambda r: r[4])
         print("  sweep orders: " + "; ".join(f"seed {s}: {it} sweeps, {so} solves, {sec:.2f} s, L2 {d:.4f}"
                                              for s, it, so, sec, d in rows))
         print(f"  best of {args.orders}: seed {best[0]}, L2 {best[4]:.4f} ({(best[4] - rows[0][4]) / rows[0][4]:+.3%} vs seed 0) "
               f"for {sum(r[3] for r in rows) / rows[0][3]:.1f}x the time")
+
+
+def start(args, spec, b):
+    """init_perm for --start: None (the forward start) or the identity."""
+    from lmcx.permutation import identity_permutation
+
+    return None if args.start == "forward" else identity_permutation(spec, b)
 
 
 def stopping_rules(objective: list[float], solves: list[int], keys: list[str], a, b) -> None:
@@ -236,18 +266,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trained-epochs", type=int, default=5)
     ap.add_argument("--orders", type=int, default=1, help="also run this many sweep orders (seeds) and keep the best")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tol", type=float, default=None, help="weight_matching's tol (default: its own, TOL)")
+    ap.add_argument("--start", choices=["forward", "identity"], default="forward",
+                    help="forward: weight_matching's own start; identity: init_perm = the identity")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick-probe", action="store_true", help="probe GFLOP/s at n <= 1024 (faster, less exact)")
     args = ap.parse_args(argv)
 
     import torch
 
+    from lmcx.permutation.weight_matching import TOL
+
+    if args.tol is None:
+        args.tol = TOL
+
     global clock
     torch.set_num_threads(args.threads)
     if args.threads != 1:
         clock = time.perf_counter
     load0 = os.getloadavg()
-    print(f"weight matching floor; torch {torch.__version__}, {args.threads} thread(s), seconds are "
+    print(f"weight matching floor; start {args.start}, tol {args.tol:g}; torch {torch.__version__}, "
+          f"{args.threads} thread(s), seconds are "
           f"{'CPU time' if args.threads == 1 else 'wall clock'}; load "
           f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
     cfg0, w0a, w0b = random_pair("mlp", 0.25, "none")

@@ -180,8 +180,8 @@ def test_resnet20_result_is_a_coordinatewise_optimum():
 
     spec, a = _resnet20(2)
     _, b = _resnet20(3)
-    res = weight_matching(spec, a, b, seed=1)
-    assert res.converged and res.solves < res.iterations * len(spec.names)
+    res = weight_matching(spec, a, b, seed=1, tol=0)  # tol 0: stop only where no sweep improves anything
+    assert res.converged and res.stop == "no improvement" and res.solves < res.iterations * len(spec.names)
     for p, axes in spec.perm_to_axes.items():
         n = len(res.perm[p])
         cost = torch.zeros(n, n, dtype=torch.float64)
@@ -193,3 +193,99 @@ def test_resnet20_result_is_a_coordinatewise_optimum():
         best = cost[rows, cols].sum().item()
         now = cost[torch.arange(n), res.perm[p]].sum().item()
         assert best <= now + 1e-9 * abs(res.objective[-1]), p
+
+
+# ---------------------------------------------------------------------------------------------
+# Solving less: the forward start, the stopping tolerance, decisions read off float32 cost matrices
+
+
+def test_forward_start_recovers_a_permuted_copy_in_its_own_pass():
+    spec, a = mlp_spec(), mlp_params(0)
+    pi = random_permutation(spec, a, seed=4)
+    res = weight_matching(spec, a, apply_permutation(spec, pi, a))
+    exact = sum((a[k].double() ** 2).sum().item() for k in spec.axes_to_perm)
+    assert res.objective[1] == pytest.approx(exact, rel=1e-12)  # the forward pass alone found it
+    # then one sweep proves it, re-solving all but the last layer's permutation, whose forward solve saw its
+    # whole cost (its other axes: the previous, decided one, and the unpermuted classes)
+    assert res.iterations == 2 and res.solves == 2 * len(spec.names) - 1
+    inv = invert_permutation(pi)
+    assert all(torch.equal(res.perm[p], inv[p]) for p in spec.names)
+
+
+def test_forward_start_beats_the_identity_on_independent_models():
+    spec, a, b = mlp_spec(), mlp_params(0), mlp_params(1)
+    forward = weight_matching(spec, a, b, seed=0, tol=0)
+    identity = weight_matching(spec, a, b, seed=0, tol=0, start="identity")
+    assert forward.objective[0] == identity.objective[0]  # both begin at the identity
+    assert forward.objective[1] > identity.objective[1]  # the forward pass is the first sweep
+    assert forward.objective[-1] >= identity.objective[-1] and forward.solves < identity.solves
+    with pytest.raises(LmcxError, match="start"):
+        weight_matching(spec, a, b, start="backward")
+
+
+def test_tolerance_stops_after_a_small_sweep():
+    spec, a, b = mlp_spec(), mlp_params(2), mlp_params(3)
+    full = weight_matching(spec, a, b, seed=0, tol=0, start="identity")
+    assert full.stop == "no improvement" and full.iterations >= 3
+    norms = sum((a[k].double() ** 2).sum().item() + (b[k].double() ** 2).sum().item() for k in spec.axes_to_perm)
+    d2 = [norms - 2 * o for o in full.objective]
+    # the tolerance just above the relative drop of the second sweep stops the search right there
+    tol = 1.01 * (d2[1] - d2[2]) / d2[2]
+    early = weight_matching(spec, a, b, seed=0, tol=tol, start="identity")
+    assert early.stop == "tolerance" and early.converged and early.iterations == 2
+    assert early.objective == full.objective[:3]
+    with pytest.raises(LmcxError, match="tol"):
+        weight_matching(spec, a, b, tol=-1)
+
+
+def test_float32_decisions_agree_with_exact_checks(monkeypatch):
+    """Deciding from the cost matrix within its rounding bound must change nothing: forcing every
+    candidate through the exact float64 check gives the same permutations and the same record."""
+    import importlib
+
+    wm = importlib.import_module("lmcx.permutation.weight_matching")
+    spec, a = _resnet20(4)
+    _, b = _resnet20(5)
+    fast = weight_matching(spec, a, b, seed=2, tol=0)
+    monkeypatch.setattr(wm._Search, "estimate", lambda self, *args: (0.0, float("inf")))
+    exact = weight_matching(spec, a, b, seed=2, tol=0)
+    assert exact.exact_checks > fast.exact_checks
+    assert all(torch.equal(fast.perm[p], exact.perm[p]) for p in spec.names)
+    assert fast.objective == pytest.approx(exact.objective, rel=1e-12, abs=0)
+    assert all(y >= x for x, y in zip(fast.objective, fast.objective[1:]))
+
+
+def test_cost_matrices_and_their_rounding_bound():
+    """Costs.matrix equals the cost built from scratch in float64 within Costs' own rounding bound."""
+    from lmcx.permutation import get_permuted_param, perm_sizes
+    from lmcx.permutation.wm_costs import Costs
+
+    spec, a = _resnet20(6)
+    _, b = _resnet20(7)
+    a = {k: v for k, v in a.items() if v.is_floating_point()}
+    b = {k: b[k] for k in a}
+    sizes = perm_sizes(spec, a)
+    perm = random_permutation(spec, a, seed=8)
+    costs = Costs(spec, a, b, sizes)
+    for p, axes in spec.perm_to_axes.items():
+        n = sizes[p]
+        exact = sum(a[k].double().movedim(ax, 0).reshape(n, -1)
+                    @ get_permuted_param(spec, perm, k, b, except_axis=ax).double().movedim(ax, 0).reshape(n, -1).T
+                    for k, ax in axes)
+        err = (costs.matrix(p, perm).double() - exact).abs()
+        bound = costs.gamma[p] * torch.outer(costs.row_norm_a[p], costs.row_norm_b[p])
+        assert (err <= bound).all() and err.max() > 0, p  # inexact, yet within the bound
+        assert costs.gamma[p] < 1e-3
+
+
+def test_progress_of_the_sweeps_only_when_asked(monkeypatch, capsys):
+    from lmcx import progress
+
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")
+    spec, a, b = mlp_spec(), mlp_params(0), mlp_params(1)
+    weight_matching(spec, a, b)
+    assert capsys.readouterr().err == ""  # callers such as STE run it once per step: silent by default
+    res = weight_matching(spec, a, b, show_progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("weight matching: ")]
+    assert lines[-1].startswith(f"weight matching: {res.iterations} sweep") and lines[-1].endswith(" done")
+    assert any(line.startswith("weight matching: 1 sweep") and "l2 " in line and "moved " in line for line in lines)

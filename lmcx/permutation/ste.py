@@ -136,7 +136,8 @@ def straight_through_estimator(
         if projected_at == step:
             return
         current = {**{k: v.detach() for k, v in theta.items()}, **buffers_a}
-        r = weight_matching(spec, current, state_b, max_iter=max_iter, seed=seed, init_perm=perm)
+        warm = perm if projected_at >= 0 else None  # the first projection: weight matching's own start
+        r = weight_matching(spec, current, state_b, max_iter=max_iter, seed=seed, init_perm=warm)
         wm["calls"] += 1
         wm["sweeps"] += r.iterations
         wm["seconds"] += r.seconds

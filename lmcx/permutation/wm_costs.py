@@ -1,0 +1,173 @@
+"""The arithmetic of weight matching: cost matrices, how far their rounding can move a gain, and the
+exact float64 value of the objective and of a candidate's gain.
+
+`Costs` holds, for every permutation p and every (param, axis) it acts on (a "term"), A's slice matrix
+`A(axis→0).reshape(n, -1)` and B with that axis first, both contiguous and made once (a term on axis 0 is
+a view; others cost one copy of that parameter per model). A cost matrix is then the sum over p's terms
+of `A_t @ B'_tᵀ`, where B'_t is B_t with the other axes' current permutations applied: one index_select
+per other permuted axis, no transposing copies. The terms without other permuted axes (biases, norm
+parameters, a first layer's weight, a classifier's) never change: their sum is computed once per p.
+
+Rounding: a float32 product C_ij = Σ_x a_ix b_jx over K terms is within γ_K Σ|a_ix||b_jx| ≤
+γ_K ‖a_i‖‖b_j‖ of the exact value (γ_K = K·u / (1 − K·u), u the unit roundoff; Higham, Accuracy and
+Stability of Numerical Algorithms, §3.1), where the norms are those of p's rows over all its terms
+together; the other permutations only reorder the entries of a row, so the norms are computed once. A
+candidate's gain read off the cost matrix is therefore known up to `rounding` (summed over the rows
+that moved), and only a gain within that bound of the acceptance threshold needs the exact check.
+
+Exact values (`inner`, `exact_gain`): products of float32 numbers are exact in float64, so these are
+exact up to float64 summation error; they read a few slices at a time (small temporaries).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from .spec import Permutation, PermutationSpec, axis_index, block_size, expand_blocks
+
+CHUNK_ELEMS = 1 << 16  # float64 work is done a few slices at a time: small temporaries, no page-fault storms
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+
+
+@dataclass
+class Term:
+    key: str
+    axis: int
+    a: torch.Tensor  # A[key] with `axis` first, as (n, rest), contiguous
+    b: torch.Tensor  # B[key] with `axis` first, not flattened, contiguous
+    others: list[tuple[int, str, int]]  # (axis in `b`, permutation, block size) of the other permuted axes
+
+    @property
+    def fan(self) -> int:
+        return self.a.shape[1]
+
+
+class Costs:
+    """Cost matrices of one weight-matching problem (see the module docstring)."""
+
+    def __init__(self, spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                 sizes: Mapping[str, int]):
+        self.spec, self.sizes = spec, sizes
+        self.flops = 0  # multiply-adds x 2 of the products computed so far
+        self.fixed: dict[str, torch.Tensor | None] = {}  # per p: the sum of its terms without other permuted axes
+        self.terms: dict[str, list[Term]] = {}
+        self.gamma: dict[str, float] = {}
+        self.row_norm_a: dict[str, torch.Tensor] = {}
+        self.row_norm_b: dict[str, torch.Tensor] = {}
+        for p, axes in spec.perm_to_axes.items():
+            n, terms = sizes[p], []
+            for key, axis in axes:
+                if key not in a:
+                    continue
+                others = [(ax if ax > axis else ax + 1, q, block_size(spec, key, ax))
+                          for ax, q in enumerate(spec.axes_to_perm[key]) if q is not None and ax != axis]
+                terms.append(Term(key, axis, torch.movedim(a[key], axis, 0).reshape(n, -1).contiguous(),
+                                  torch.movedim(b[key], axis, 0).contiguous(), others))
+            self.terms[p] = terms
+            if terms:
+                unit = UNIT_ROUNDOFF.get(terms[0].a.dtype, 2.0 ** -24)
+                k = sum(t.fan for t in terms) + len(terms)  # the terms' products, then their sum
+                # 1.05: room for the rounding of the bound itself (norms taken in the parameters' precision)
+                self.gamma[p] = 1.05 * k * unit / (1 - k * unit)
+                self.row_norm_a[p] = _row_norms([t.a for t in terms])
+                self.row_norm_b[p] = _row_norms([t.b.reshape(n, -1) for t in terms])
+
+    def matrix(self, p: str, perm: Mapping[str, Permutation],
+               use: Callable[[Term], bool] | None = None) -> torch.Tensor | None:
+        """C_p at the permutations `perm` (p's own is not used), over the terms `use` keeps (default all;
+        terms without other permuted axes are always kept); None when no term is left. The sum of the
+        terms without other permuted axes does not depend on `perm`: it is computed once and kept."""
+        if p not in self.fixed:
+            self.fixed[p] = self._product([t for t in self.terms[p] if not t.others], perm)
+        cost = None if self.fixed[p] is None else self.fixed[p].clone()
+        moving = [t for t in self.terms[p] if t.others and (use is None or use(t))]
+        return self._product(moving, perm, cost)
+
+    def _product(self, terms: list[Term], perm: Mapping[str, Permutation],
+                 cost: torch.Tensor | None = None) -> torch.Tensor | None:
+        for t in terms:
+            wb = t.b
+            for ax, q, k in t.others:
+                wb = wb.index_select(ax, expand_blocks(perm[q], k))
+            wb = wb.reshape(t.a.shape[0], -1)
+            if cost is None:
+                cost = t.a @ wb.T
+            else:
+                cost.addmm_(t.a, wb.T)
+            self.flops += 2 * t.a.shape[0] ** 2 * t.fan
+        return cost
+
+    def rounding(self, p: str, rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> float:
+        """Bound on |gain read off float C_p − exact gain| when `rows` (CPU) move from `old` to `new` columns."""
+        na, nb = self.row_norm_a[p], self.row_norm_b[p]
+        return self.gamma[p] * float((na[rows] * (nb[new[rows]] + nb[old[rows]])).sum())
+
+
+def _row_norms(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """‖row i‖ of the matrices side by side, float64 on the CPU."""
+    return torch.stack([torch.linalg.vector_norm(m, dim=1).double() for m in matrices]).square().sum(0).sqrt().cpu()
+
+
+def _sliced_dot64(wa: torch.Tensor, wb: torch.Tensor, axis: int, rows: torch.Tensor, rows_b: torch.Tensor,
+                  rows_b_old: torch.Tensor | None, others: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """float64 `Σ_r ⟨wa[rows[r]], wb'[rows_b[r]] − wb'[rows_b_old[r]]⟩`, slices taken along `axis`,
+    `wb'` being `wb` with `others` (axis, index) applied on its other axes; no `rows_b_old`: no subtraction."""
+    per_slice = max(1, wa.numel() // max(1, wa.shape[axis]))
+    step = max(1, CHUNK_ELEMS // per_slice)
+    total = torch.zeros((), dtype=torch.float64, device=wa.device)
+    for s in range(0, rows.numel(), step):
+        xa = wa.index_select(axis, rows[s:s + step]).double()
+        xb = wb.index_select(axis, rows_b[s:s + step])
+        xo = None if rows_b_old is None else wb.index_select(axis, rows_b_old[s:s + step])
+        for ax, idx in others:
+            xb = xb.index_select(ax, idx)
+            xo = None if xo is None else xo.index_select(ax, idx)
+        xb = xb.double() if xo is None else xb.double() - xo.double()
+        total += torch.dot(xa.reshape(-1), xb.reshape(-1))
+    return total
+
+
+def _others(spec: PermutationSpec, perm: Mapping[str, Permutation], key: str, axis: int) -> list[tuple[int, torch.Tensor]]:
+    return [(ax, axis_index(spec, key, ax, perm[q])) for ax, q in enumerate(spec.axes_to_perm[key])
+            if q is not None and ax != axis]
+
+
+def inner(spec: PermutationSpec, perm: Mapping[str, Permutation], key: str,
+          a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """⟨A[key], π(B)[key]⟩ in float64."""
+    wa, wb = a[key], b[key]
+    if wa.ndim == 0:
+        return (wa.double() * wb.double()).item()
+    q0 = spec.axes_to_perm[key][0]
+    rows_b = None if q0 is None else axis_index(spec, key, 0, perm[q0])
+    others = _others(spec, perm, key, 0)
+    step = max(1, CHUNK_ELEMS // max(1, wa[0].numel()))
+    total = torch.zeros((), dtype=torch.float64, device=wa.device)
+    for s in range(0, wa.shape[0], step):  # A's slices as they lie; B's as the permutations pick them
+        xb = wb[s:s + step] if rows_b is None else wb.index_select(0, rows_b[s:s + step])
+        for ax, idx in others:
+            xb = xb.index_select(ax, idx)
+        total += torch.dot(wa[s:s + step].double().reshape(-1), xb.double().reshape(-1))
+    return total.item()
+
+
+def exact_gain(spec: PermutationSpec, perm: Mapping[str, Permutation], new_perm: Mapping[str, Permutation], p: str,
+               key: str, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """Change of ⟨A[key], π(B)[key]⟩ (float64) when permutation p alone goes from perm[p] to new_perm[p].
+
+    When p acts on one axis of `key`, only the units whose assignment changed contribute, so only
+    those slices are read; otherwise both values are computed in full.
+    """
+    axes = [axis for axis, q in enumerate(spec.axes_to_perm[key]) if q == p]
+    if len(axes) != 1:
+        return inner(spec, new_perm, key, a, b) - inner(spec, perm, key, a, b)
+    axis = axes[0]
+    old, new = perm[p], new_perm[p]
+    rows = torch.nonzero(old != new).flatten()
+    if rows.numel() == 0:
+        return 0.0
+    k = block_size(spec, key, axis)
+    return _sliced_dot64(a[key], b[key], axis, expand_blocks(rows, k), expand_blocks(new[rows], k),
+                         expand_blocks(old[rows], k), _others(spec, perm, key, axis)).item()
