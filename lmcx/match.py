@@ -99,13 +99,15 @@ def match_pair(spec, a: Checkpoint, b: Checkpoint, cfg: MatchConfig, device: tor
                         "ste": {"best_midpoint_train_loss": r.best_loss, "best_step": r.best_step,
                                 "initial_midpoint_train_loss": r.initial_loss,
                                 "naive_midpoint_train_loss": r.naive_loss, "eval_samples": r.eval_samples,
-                                "steps": r.steps, "wm_calls": r.wm_calls, "wm_sweeps": r.wm_sweeps,
+                                "steps": r.steps, "eval_every": r.eval_every, "checks": r.checks,
+                                "evaluations": r.evaluations, "wm_calls": r.wm_calls, "wm_sweeps": r.wm_sweeps,
                                 "wm_seconds": r.wm_seconds, "history": r.history,
                                 "settings": to_dict(cfg.ste),
                                 "notes": "midpoint 1/2(theta_A + pi(theta_B)) in train mode (BN batch statistics); "
                                          "best permutation by midpoint loss on the first eval_samples training "
-                                         "images, scored at step 0 (WM projection of theta_A) and after every "
-                                         "epoch (or eval_every steps)"}}
+                                         "images, checked at step 0 (WM projection of theta_A), every eval_every "
+                                         "steps (0: once per epoch) and at each epoch's end; each distinct "
+                                         "permutation scored once (history: one row per scored permutation)"}}
     raise LmcxError(f"unknown matching method {cfg.method!r}; choose wm, am or ste")
 
 
