@@ -159,6 +159,7 @@ class SvdConfig:
     weighted: bool = False  # also report the singular-value-weighted alignment
     wm_seed: int = 0  # weight matching run on the fly when no permutation is given
     wm_max_iter: int = 100
+    wm_objective: Literal["params", "all"] = "params"  # its objective, as match.wm_objective
 
 
 @dataclass

@@ -41,7 +41,7 @@ import torch
 
 from ..config import SvdConfig, to_dict
 from ..errors import LmcxError
-from ..permutation.weight_matching import l2_distance
+from ..permutation.weight_matching import L2_DEFINITION, l2_distance
 from .pair import model_summary, permuted_b
 
 StateDict = Mapping[str, torch.Tensor]
@@ -59,8 +59,8 @@ DEFINITIONS = {
          "= cosine similarity of the truncated polar factors U V^T; B' = B (naive) or pi(B) (permuted)",
     "R_weighted": "R_w(gamma) = <U_A S~_A V_A^T, U_B' S~_B' V_B'^T>_F / (||S~_A||_F ||S~_B'||_F), "
                   "S~ = diag(s_i / s_1) over the same top-k: cosine similarity of the rank-k truncations",
-    "l2": "||theta_A - theta_B||; 'layers' = over the layer weights analysed, 'parameters' = over every "
-          "trainable parameter (biases and norm affines included, running statistics excluded)",
+    "l2": "||theta_A - theta_B||; 'layers' = over the layer weights analysed, 'parameters' = " + L2_DEFINITION
+          + " (the L2 match metrics report)",
     "l2_relative_reduction": "(||A - B|| - ||A - pi(B)||) / ||A - B||",
 }
 
@@ -265,7 +265,8 @@ def csv_rows(result: dict[str, Any], weighted: bool = False) -> list[dict[str, A
         for a in r["alignment"]:
             g = f"{a['gamma']:g}"
             row.update({f"R_naive_g{g}": a["naive"], f"R_permuted_g{g}": a["permuted"],
-                        f"k_a_g{g}": a["k_a"], f"k_b_g{g}": a["k_b"]})
+                        f"k_a_g{g}": a["k_a"], f"k_b_g{g}": a["k_b"],
+                        f"k_kept_a_g{g}": a["k_kept"][0], f"k_kept_b_g{g}": a["k_kept"][1]})
             if weighted:
                 row.update({f"Rw_naive_g{g}": a["naive_weighted"], f"Rw_permuted_g{g}": a["permuted_weighted"]})
         out.append(row)
@@ -299,6 +300,7 @@ def analyze_svd_checkpoints(a_path, b_path, cfg: SvdConfig, out_dir, perm_path=N
     check_compatible(ckpt_a, ckpt_b)
     state_bp, permutation = permuted_b(ckpt_a, ckpt_b, perm_path, b_permuted_path,
                                        wm_seed=cfg.wm_seed, wm_max_iter=cfg.wm_max_iter,
+                                       wm_objective=cfg.wm_objective,
                                        device=dev)
     model = build_model(ckpt_a.model, ckpt_a.in_shape, ckpt_a.num_classes)
     param_keys = [n for n, _ in model.named_parameters()]

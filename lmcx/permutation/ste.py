@@ -12,7 +12,8 @@ Learns parameters θ, initialised at θ_A. Every optimisation step:
 
 BatchNorm: the midpoint network runs in train mode, so BN normalises with the batch statistics (as in
 Git Re-Basin); running statistics are neither used nor kept. θ covers the trainable parameters only;
-buffers (BN running statistics) are A's for the projection and ½(A + π(B)) for the midpoint.
+buffers (BN running statistics) are ½(A + π(B)) for the midpoint, and enter the projection (as A's)
+only with `wm_objective="all"`.
 
 Model selection: at the start (the WM projection of θ_A) and then every `cfg.eval_every` steps
 (default 1: every step, as Git Re-Basin does; 0: once per epoch) and at the end of every epoch, the
@@ -39,7 +40,7 @@ from torch.func import functional_call
 
 from ..errors import LmcxError
 from .spec import PermutationSpec, get_permuted_param, identity_permutation
-from .weight_matching import weight_matching
+from .weight_matching import objective_keys, weight_matching
 
 __all__ = ["SteResult", "straight_through_estimator", "midpoint_loss"]
 
@@ -106,10 +107,12 @@ def straight_through_estimator(
     seed: int = 0,
     max_iter: int = 100,
     progress: bool = True,
+    wm_objective: str = "params",
 ) -> SteResult:
     """STE matching of model B to model A (see the module docstring). `cfg` is a `SteConfig` (epochs,
     lr, batch_size, eval_samples, eval_every); `seed` fixes the batch order and the weight-matching
-    sweep orders; `max_iter` bounds the sweeps of each projection. Both models must be on one device."""
+    sweep orders; `max_iter` bounds the sweeps of each projection, whose objective is `wm_objective`
+    (weight_matching.objective_keys). Both models must be on one device."""
     from ..console import progress_bar
     from ..data import epoch_generator, train_batches
 
@@ -135,6 +138,7 @@ def straight_through_estimator(
     x_eval, y_eval = ds.x_train[:eval_samples], ds.y_train[:eval_samples]
     eval_batch = min(cfg.batch_size, len(y_eval))
 
+    wm_keys = objective_keys(params_a, wm_objective)
     wm = {"calls": 0, "sweeps": 0, "seconds": 0.0, "lap": 0.0}
     perm: dict[str, torch.Tensor] = {k: v.to(device) for k, v in identity_permutation(spec, state_b).items()}
     projected_at = -1  # optimisation step whose θ `perm` is the projection of
@@ -144,7 +148,7 @@ def straight_through_estimator(
         if projected_at == step:
             return
         current = {**{k: v.detach() for k, v in theta.items()}, **buffers_a}
-        r = weight_matching(spec, current, state_b, max_iter=max_iter, seed=seed, init_perm=perm)
+        r = weight_matching(spec, current, state_b, max_iter=max_iter, seed=seed, init_perm=perm, keys=wm_keys)
         wm["calls"] += 1
         wm["sweeps"] += r.iterations
         wm["seconds"] += r.seconds

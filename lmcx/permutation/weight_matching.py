@@ -12,8 +12,10 @@ where `π_{¬p}(B)` is B with every permutation applied except `p` on that axis.
 blocks of k (`spec.block_sizes`) reshapes to (n, k·rest), so row c of the cost holds the whole block c.
 
 What counts: only parameters named in `spec.axes_to_perm` (anything else in the state dicts is
-ignored) and only floating tensors among them (integer buffers are skipped). BatchNorm running
-statistics are in the spec, so they count, as in Git Re-Basin.
+ignored) and only floating tensors among them (integer buffers are skipped); with `keys`, only those
+names. BatchNorm running statistics are in the spec (a permutation must move them), so without `keys`
+they count too; callers pass the trainable parameters' names for the parameters-only objective of Git
+Re-Basin, PLeaS and rebasin (`objective_keys`, `match.wm_objective`).
 
 Numerics: cost matrices are built with torch on the parameters' device in float32 (float64 when the
 parameters are float64); only the n×n cost goes to numpy for `scipy.optimize.linear_sum_assignment`.
@@ -29,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import torch
@@ -38,7 +40,25 @@ from ..errors import LmcxError
 from .spec import (Permutation, PermutationSpec, StateDict, axis_index, block_size, check_permutation, expand_blocks,
                    get_permuted_param, perm_sizes)
 
-__all__ = ["WeightMatchingResult", "weight_matching", "l2_distance", "matchable_params"]
+__all__ = ["WeightMatchingResult", "weight_matching", "l2_distance", "matchable_params", "objective_keys",
+           "OBJECTIVES", "L2_DEFINITION"]
+
+OBJECTIVES = {"params": "trainable parameters only (BatchNorm running statistics excluded)",
+              "all": "every floating tensor the permutation spec names (BatchNorm running statistics included)"}
+
+
+# How lmcx reports "L2 to A" everywhere (match metrics, svd.json): one definition, whatever WM's objective.
+L2_DEFINITION = ("||theta_A - theta_B|| over the trainable parameters (weights, biases, norm affines; BatchNorm "
+                 "running statistics excluded), float64")
+
+
+def objective_keys(parameter_names: Collection[str], objective: str) -> set[str] | None:
+    """The `keys` of `weight_matching` for `match.wm_objective`: the trainable parameters' names
+    (`params`), or None for every floating tensor the spec names (`all`)."""
+    if objective not in OBJECTIVES:
+        raise LmcxError(f"unknown weight matching objective {objective!r}; choose {' or '.join(OBJECTIVES)}")
+    return set(parameter_names) if objective == "params" else None
+
 
 REL_TOL = 1e-12  # an assignment is accepted only if it raises the objective by more than this × |objective|
 
@@ -196,8 +216,10 @@ def weight_matching(
     max_iter: int = 100,
     seed: int = 0,
     init_perm: Mapping[str, Permutation] | None = None,
+    keys: Collection[str] | None = None,
 ) -> WeightMatchingResult:
-    """Permutation π of model B maximising `Σ ⟨θ_A, π(θ_B)⟩` (minimising `||θ_A − π(θ_B)||²`).
+    """Permutation π of model B maximising `Σ ⟨θ_A, π(θ_B)⟩` (minimising `||θ_A − π(θ_B)||²`) over
+    the floating tensors the spec names, or only over `keys` when given (see `objective_keys`).
 
     Coordinate descent from `init_perm` (default: identity), the order of permutations in each sweep
     drawn from `torch.Generator().manual_seed(seed)`; stops after a sweep that improves nothing or
@@ -211,7 +233,8 @@ def weight_matching(
     t_start = time.perf_counter()
     if max_iter < 0:
         raise LmcxError(f"max_iter must be >= 0, got {max_iter}")
-    keys = matchable_params(spec, params_a, params_b)
+    only = keys
+    keys = [k for k in matchable_params(spec, params_a, params_b) if only is None or k in only]
     device = params_a[keys[0]].device if keys else torch.device("cpu")
     a: dict[str, torch.Tensor] = {}
     b: dict[str, torch.Tensor] = {}
