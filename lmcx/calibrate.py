@@ -93,7 +93,7 @@ def calibration_check(calib_size: int, raw_endpoints: tuple[float, float], calib
     is expected) raises its test loss by more than ENDPOINT_TOLERANCE."""
     reasons = []
     if calib_size < MIN_RELIABLE_CALIB:
-        reasons.append(f"calibration split of {calib_size} images (< {MIN_RELIABLE_CALIB})")
+        reasons.append(f"calibration split of {calib_size} images, fewer than {MIN_RELIABLE_CALIB}")
     for name, raw, cal in zip("AB", raw_endpoints, calibrated_endpoints):
         if cal > raw * (1 + ENDPOINT_TOLERANCE):
             reasons.append(f"calibrated test loss of endpoint {name} {cal:.4f} above its raw loss {raw:.4f}")

@@ -5,6 +5,7 @@ atomically, like every other output.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -89,11 +90,22 @@ def _short_layer(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
+def _log_ticks(ax, values: list[float]) -> None:
+    """Labelled ticks on a log y axis, as plain numbers, dense enough for a spectrum spanning less than a
+    decade and sparse enough for many decades (matplotlib's default labels every minor tick of a narrow
+    range, on top of each other)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    decades = math.log10(max(values) / min(values)) if values else 0.0
+    subs = (1.0,) if decades > 2.5 else (1.0, 2.0, 5.0) if decades > 0.8 else (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_svd_spectra(layers: list[dict], path: str | Path) -> None:
     """Small multiples, one per layer weight: singular values of A and B (log scale). π(B) has B's
     spectrum (a permutation never changes singular values), so it is not drawn separately."""
-    from matplotlib.ticker import LogLocator, NullFormatter
-
     n = len(layers)
     cols = min(4, n)
     rows = -(-n // cols)
@@ -103,10 +115,7 @@ def plot_svd_spectra(layers: list[dict], path: str | Path) -> None:
         ax.semilogy(range(1, len(sv["a"]) + 1), sv["a"], color=MODEL_A_COLOR, lw=1.2, label="A")
         ax.semilogy(range(1, len(sv["b"]) + 1), sv["b"], color=MODEL_B_COLOR, lw=1.2, ls="--", label="B = π(B)")
         ax.set_title(f"{_short_layer(layer['name'])} {'x'.join(map(str, layer['matrix_shape']))}", fontsize=8)
-        # labels on 1-2-5 ticks only: a spectrum spanning less than a decade otherwise gets a label on
-        # every minor tick, printed on top of each other
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=6))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        _log_ticks(ax, [v for v in sv["a"] + sv["b"] if v > 0])
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, which="both", lw=0.4)
     for ax in axes[:, 0]:
@@ -259,7 +268,10 @@ def plot_barrier_vs_width(rows: list[dict], methods: list[str], path: str | Path
         xs, ms, ss = series(method, "acc_barrier_pp")
         if xs:
             ax_acc.errorbar(xs, ms, yerr=ss, color=color, marker="o", capsize=3, label=method)
-    n = "–".join(str(c) for c in sorted(counts)) if counts else "0"
+    if counts == {1}:
+        over = "1 pair per width, no error bars"
+    else:
+        over = f"mean ± std over n = {'–'.join(str(c) for c in sorted(counts)) or 0} pairs per width"
     for ax, title, ylabel in ((ax_loss, "test loss barrier", "loss barrier (nats)"),
                               (ax_acc, "test accuracy barrier", "accuracy barrier (pp)")):
         ax.set_xscale("log", base=2)
@@ -268,7 +280,7 @@ def plot_barrier_vs_width(rows: list[dict], methods: list[str], path: str | Path
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xlabel("width multiplier")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{title} (mean ± std over n = {n} pairs per width)", fontsize=10)
+        ax.set_title(f"{title} ({over})", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()

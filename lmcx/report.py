@@ -45,12 +45,12 @@ def mean_std(values: list[float | None]) -> tuple[float, float, int]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
 
 
-def fmt(values: list[float | None], digits: int = 3) -> str:
-    """`mean ± std (n=N)` over the finite values; `value (n=1)` for one; `–` for none."""
+def fmt(values: list[float | None], digits: int = 3, unit: str = "") -> str:
+    """`mean ± std unit (n=N)` over the finite values; the bare value for one (no ±); `–` for none."""
     m, s, n = mean_std(values)
     if n == 0:
         return "–"
-    return f"{m:.{digits}f} ± {s:.{digits}f} (n={n})" if n > 1 else f"{m:.{digits}f} (n=1)"
+    return f"{m:.{digits}f} ± {s:.{digits}f}{unit} (n={n})" if n > 1 else f"{m:.{digits}f}{unit}"
 
 
 def collect(root: Path, cfg: ExperimentConfig) -> list[dict[str, Any]]:
@@ -141,9 +141,10 @@ def _pairing_note(cfg: ExperimentConfig) -> str:
     pairs = seed_pairs(cfg)
     shared = len({s for p in pairs for s in p}) < 2 * len(pairs)
     how = cfg.pairs if isinstance(cfg.pairs, str) else "listed"
+    count = f"{len(pairs)} pair{'s' if len(pairs) != 1 else ''} per width"
     if not shared:
-        return f"{len(pairs)} pairs per width ({how}: no model is in two pairs)"
-    return (f"{len(pairs)} pairs per width ({how}: pairs share models, so their barriers are correlated and ± over "
+        return f"{count} ({how}: no model is in two pairs)"
+    return (f"{count} ({how}: pairs share models, so their barriers are correlated and ± over "
             "pairs understates the spread between independent pairs; `pairs: disjoint` avoids this)")
 
 
@@ -239,8 +240,8 @@ def write_report(root: str | Path) -> Path:
            f"calibration {'on' if cfg.interpolate.calibrate else 'off'} (temperature per model on the held-out "
            f"calibration split of {calib if calib is not None else '?'} training images). {_methods_note(cfg)}",
            "",
-           "Each figure is the mean ± standard deviation over the n pairs written beside it (one pair: no ±). "
-           "Accuracy barriers are in percentage points (pp) and accuracies in percent, as in summary.csv "
+           "A figure over several pairs (or models) is their mean ± standard deviation with n written beside "
+           "it; a figure without ± is a single pair's. Accuracy barriers are in percentage points (pp) and accuracies in percent, as in summary.csv "
            "(`acc_barrier_pp`, `acc_a_pct`).", ""]
     md += ["![barrier vs width](plots/barrier_vs_width.png)", ""]
 
@@ -264,7 +265,7 @@ def write_report(root: str | Path) -> Path:
     for width in cfg.widths:
         w = width_tag(width)
         md += [f"## Width {width_label(width)}", "",
-               f"Endpoint test accuracy: {fmt(endpoint_accuracy[width], 2)} % (n = models).", ""]
+               f"Endpoint test accuracy (over models): {fmt(endpoint_accuracy[width], 2, ' %')}.", ""]
         header = ["method", "split", "loss barrier", "calibrated loss barrier", "acc barrier (pp)",
                   "midpoint loss barrier", "calibrated midpoint", "midpoint acc barrier (pp)"]
         md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -288,7 +289,7 @@ def write_report(root: str | Path) -> Path:
             red = [r.get("l2_relative_reduction_pct") for r in test_rows if r["method"] == first]
             md += [f"SVD (k rule `{cfg.svd.k_rule}`): singular-vector alignment R(γ = 0.3) {fmt(naive)} without "
                    f"permutation, {fmt(perm)} with {first.upper()}; {first.upper()} shrinks ‖θ_A − θ_B‖ (over "
-                   f"trainable parameters) by {fmt(red, 1)} %.", ""]
+                   f"trainable parameters) by {fmt(red, 1, ' %')}.", ""]
         if "lewc" in cfg.analyses:
             for meth in methods[: 1 + bool(cfg.methods)]:
                 md += [_lewc_line(cfg, meth, [r for r in test_rows if r["method"] == meth]), ""]

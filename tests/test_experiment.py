@@ -48,14 +48,14 @@ def test_run_writes_report_and_rerun_is_incremental(tmp_path, cli):
     assert "## Width 0.125×" in report and "| wm | test |" in report
     rows = _summary(out)
     assert {r["method"] for r in rows} == {"naive", "wm"} and all(r["loss_barrier"] for r in rows)
-    # one pair: every figure says n=1 and carries no ±; summary.csv in the report's units (pp)
+    # one pair: single values, no ± (and no n); summary.csv in the report's units (pp)
     wm_test = next(line for line in report.splitlines() if line.startswith("| wm | test |"))
-    assert "(n=1)" in wm_test and "±" not in wm_test
+    assert "(n=" not in wm_test and "±" not in wm_test and "1 pair per width" in report
     barrier = json.loads((out / "interpolate/w0.125-s0-s1/barrier.json").read_text())
     row = next(r for r in rows if r["method"] == "wm" and r["split"] == "test")
     assert row["n_pairs"] == "1" and float(row["acc_barrier_pp"]) == pytest.approx(
         100 * barrier["results"]["wm"]["test"]["raw"]["accuracy_barrier"])
-    assert f"{float(row['acc_barrier_pp']):.2f} (n=1)" in wm_test
+    assert f"| {float(row['acc_barrier_pp']):.2f} |" in wm_test
     # 64 calibration images: the fitted temperatures are flagged, in barrier.json and in the report
     check = barrier["results"]["wm"]["calibration_check"]
     assert check["reliable"] is False and "64 images" in check["reasons"][0]
