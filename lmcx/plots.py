@@ -282,7 +282,8 @@ def plot_barrier_vs_width(rows: list[dict], methods: list[str], path: str | Path
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title} ({over})", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(frameon=False, fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a report written before any step finished has nothing to label
+            ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -315,6 +316,7 @@ def plot_curves_per_width(curve_files: list[Path], methods: list[str], width: fl
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title}, width {width_label(width)}, {pairs} (one line each)", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(frameon=False, fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a report written before any step finished has nothing to label
+            ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)

@@ -158,7 +158,8 @@ def _methods_note(cfg: ExperimentConfig) -> str:
     if "ste" in used:
         s = cfg.match.ste
         cadence = f"every {s.eval_every} steps" if s.eval_every > 1 else ("every step" if s.eval_every else "once per epoch")
-        parts.append(f"STE {s.epochs} epochs, batch {s.batch_size}, lr {s.lr:g}, candidate checked {cadence}")
+        parts.append(f"STE {s.epochs} epoch{'s' if s.epochs != 1 else ''}, batch {s.batch_size}, lr {s.lr:g}, "
+                     f"candidate checked {cadence}")
     return "Matching: " + "; ".join(parts) + "." if parts else ""
 
 

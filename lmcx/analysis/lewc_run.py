@@ -217,8 +217,8 @@ def summary(layers: list[dict[str, Any]], lambdas: list[float], comparison: str 
         rows.append({"lambda": lam, "comparison": comparison,
                      "mean_cos_lewc": mean([e["cos_lewc"] for e in entries]),
                      "mean_cos_llfc": mean([e["cos_llfc"] for e in entries]),
-                     **{f"mean_{key}_{m}{sf}": mean([e[f"{key}_{m}{sf}"] for e in entries])
-                        for key in ("rel_err",) for sf in ("", "_scale_free") for m in ("lewc", "llfc")},
+                     **{f"mean_rel_err_{m}{sf}": mean([e[f"rel_err_{m}{sf}"] for e in entries])
+                        for sf in ("", "_scale_free") for m in ("lewc", "llfc")},
                      "mean_beta_share_err_lewc": share_error("lewc"), "mean_beta_share_err_llfc": share_error("llfc"),
                      "layers_lewc_closer": sum(e[f"rel_err_lewc{suffix}"] < e[f"rel_err_llfc{suffix}"] for e in entries),
                      "layers": len(entries)})
