@@ -60,7 +60,8 @@ def test_standard_normalisation_uses_the_published_constants_and_is_recorded(tmp
     from lmcx.validation import STANDARD_NORMALIZATION
 
     assert set(STANDARD_NORMALIZATION) == set(data.STANDARD_STATS)
-    blobs = data._load_synthetic(DataConfig(name="synthetic", synthetic=SyntheticConfig(train_size=256)), tmp_path)
+    blobs = data._load_synthetic(DataConfig(name="synthetic", synthetic=SyntheticConfig(  # MNIST-shaped
+        train_size=256, test_size=64, num_classes=10, shape=[1, 28, 28])), tmp_path)
     monkeypatch.setitem(data.DATASETS, "mnist", lambda cfg, root: blobs)
     monkeypatch.setenv("LMCX_CACHE_DIR", str(tmp_path / "cache"))  # the stand-in must not be cached for others
     cfg = DataConfig(name="mnist", calib_size=32, normalization="standard")

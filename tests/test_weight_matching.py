@@ -212,7 +212,7 @@ def test_parameters_only_objective_ignores_batchnorm_statistics():
         return {k: (10 * torch.rand(v.shape, generator=gen) if "running" in k else v) for k, v in state.items()}
 
     a, b = (statistics(m.state_dict()) for m in models)
-    spec = permutation_spec(cfg)
+    spec = permutation_spec(cfg, (1, 8, 8), 4)
     params = objective_keys([n for n, _ in models[0].named_parameters()], "params")
     assert params and not any("running" in k for k in params) and objective_keys(params, "all") is None
     scrambled = statistics(b)
