@@ -44,7 +44,13 @@ class DataConfig:
     root: str | None = None  # else $LMCX_DATA_ROOT, else ~/.cache/lmcx/data
     path: str | None = None  # imagefolder: folder holding train/ and test/ (relative to root)
     download: bool = False
-    calib_size: int = 200  # held out of the training set (same split for every seed) for calibration
+    # held out of the training set (same split for every seed) for temperature calibration;
+    # null = the dataset's default (data.default_calib_size: 5000, or a third of a small training set such
+    # as digits', so the bare defaults train on digits)
+    calib_size: int | None = None
+    # per-channel mean/std that standardise the pixels: `train` = measured on the training split,
+    # `standard` = the dataset's published constants (mnist, fashion-mnist, cifar10, cifar100 only)
+    normalization: Literal["train", "standard"] = "train"
     train_size: int | None = None  # use only this many training images (after the calibration split)
     augment: bool = False  # random crop with padding + horizontal flip, on the device
     crop_padding: int = 4
@@ -105,7 +111,7 @@ class SteConfig:
     lr: float = 1e-3
     batch_size: int = 500
     eval_samples: int = 5000  # fixed training subset on which each candidate permutation's merge is scored
-    eval_every: int = 0  # steps between candidate evaluations; 0 = once per epoch (plus one at the start)
+    eval_every: int = 1  # steps between candidate checks (1 = every step, as Git Re-Basin); 0 = once per epoch
 
 
 @dataclass
@@ -114,6 +120,9 @@ class MatchConfig:
 
     method: Literal["wm", "am", "ste"] = "wm"
     seed: int = 0
+    # what weight matching's ||θ_A − π(θ_B)||² sums over: `params` = trainable parameters only (Git
+    # Re-Basin, PLeaS, rebasin); `all` = also BatchNorm running statistics (lmcx before this setting)
+    wm_objective: Literal["params", "all"] = "params"
     max_iter: int = 100  # weight matching sweeps (MergeMany: also rounds)
     tol: float = 1e-5  # weight matching stops after a sweep lowering ||A - pi(B)||^2 by less than tol of itself
     start: Literal["forward", "identity"] = "forward"  # weight matching's start (lmcx/permutation/weight_matching.py)
@@ -149,10 +158,14 @@ class SvdConfig:
     """`lmcx analyze-svd` (lmcx/analysis/svd.py)."""
 
     gammas: list[float] = field(default_factory=lambda: [0.0, 0.3])  # R(γ): top-k with s_i/s_1 >= γ
+    # k of R(γ): `min` = one k = min(k_A, k_B) for both layers ([A]'s single k); `own` = each layer its own
+    # k, normalised by √(k_A·k_B)
+    k_rule: Literal["min", "own"] = "min"
     weighted: bool = False  # also report the singular-value-weighted alignment
     wm_seed: int = 0  # weight matching run on the fly when no permutation is given
     wm_max_iter: int = 100
     threads: int | str = "auto"  # CPU threads: auto | N (below --threads and $LMCX_THREADS; lmcx/threads.py)
+    wm_objective: Literal["params", "all"] = "params"  # its objective, as match.wm_objective
 
 
 @dataclass
@@ -190,7 +203,9 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     widths: list[float] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
-    pairs: Any = "all"  # "all" | "consecutive" | list of [seed_a, seed_b]
+    # "all" | "consecutive" ((s0,s1), (s1,s2), ...: shared endpoints) | "disjoint" ((s0,s1), (s2,s3), ...:
+    # independent pairs, honest ± over pairs) | list of [seed_a, seed_b]
+    pairs: Any = "all"
     methods: list[str] = field(default_factory=lambda: ["wm"])  # naive is always included
     match: MatchConfig = field(default_factory=MatchConfig)
     interpolate: InterpolateConfig = field(default_factory=lambda: InterpolateConfig(calibrate=True))

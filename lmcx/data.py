@@ -22,6 +22,22 @@ from .errors import LmcxError
 from .io import atomic_path, shorten
 
 CALIBRATION_SPLIT_SEED = 20240204  # fixed: every model of an experiment shares one calibration split
+CALIB_SIZE_CAP = 5000  # default calibration split: this many images, at most a third of the training set
+
+# data.normalization: standard. Per-channel mean and std of the training pixels in [0, 1], as published
+# with the datasets (the values torchvision's examples and most LMC code use); validation.py names them.
+STANDARD_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def default_calib_size(n_train: int) -> int:
+    """`data.calib_size: null`: 5000 held-out images (MNIST, CIFAR: enough for a stable one-parameter
+    fit), but at most a third of a small training set (digits: 479 of 1437)."""
+    return min(CALIB_SIZE_CAP, n_train // 3)
 
 
 @dataclass
@@ -47,7 +63,7 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
-    mean: torch.Tensor  # per channel, in [0, 1] pixel units, from the training split
+    mean: torch.Tensor  # per channel, in [0, 1] pixel units: the training split's, or published (normalization)
     std: torch.Tensor
 
     @property
@@ -62,6 +78,12 @@ class Dataset:
     def to(self, device: torch.device | str) -> "Dataset":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
         return Dataset(**moved)
+
+    def preprocessing(self, normalization: str) -> dict:
+        """What a checkpoint records of how its inputs were made: the normalisation setting, the
+        constants it gave, and the calibration split's size."""
+        return {"normalization": normalization, "mean": [round(float(v), 6) for v in self.mean],
+                "std": [round(float(v), 6) for v in self.std], "calib_size": len(self.y_calib)}
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 images -> float32, standardised per channel."""
@@ -239,23 +261,29 @@ def load_arrays(cfg: DataConfig) -> Arrays:
 
 
 def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
-    """Arrays -> train / calibration / test tensors on `device`."""
+    """Arrays -> train / calibration / test tensors on `device`, standardised per `cfg.normalization`."""
     a = load_arrays(cfg)
     n = len(a.y_train)
-    if cfg.calib_size >= n:
-        raise LmcxError(f"data.calib_size={cfg.calib_size} leaves no training images ({n} in {cfg.name}); "
+    calib_size = default_calib_size(n) if cfg.calib_size is None else cfg.calib_size
+    if calib_size >= n:
+        raise LmcxError(f"data.calib_size={calib_size} leaves no training images ({n} in {cfg.name}); "
                         "lower it")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(CALIBRATION_SPLIT_SEED))
-    calib_idx, train_idx = order[: cfg.calib_size], order[cfg.calib_size:]
+    calib_idx, train_idx = order[:calib_size], order[calib_size:]
     if cfg.train_size is not None:  # a random subset: datasets stored class by class stay balanced
         train_idx = train_idx[: cfg.train_size]
     train_idx = train_idx.sort().values
     x = torch.from_numpy(a.x_train)
     y = torch.from_numpy(a.y_train)
     x_train = x[train_idx]
-    pixels = x_train.float().div(255)
-    mean = pixels.mean(dim=(0, 2, 3))
-    std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    if cfg.normalization == "standard":
+        if cfg.name not in STANDARD_STATS:
+            raise LmcxError(f"data.normalization: no published mean/std for {cfg.name!r}; use train")
+        mean, std = (torch.tensor(v) for v in STANDARD_STATS[cfg.name])
+    else:
+        pixels = x_train.float().div(255)
+        mean = pixels.mean(dim=(0, 2, 3))
+        std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
     ds = Dataset(cfg.name, x_train, y[train_idx], x[calib_idx], y[calib_idx],
                  torch.from_numpy(a.x_test), torch.from_numpy(a.y_test), a.num_classes, mean, std)
     return ds.to(device)

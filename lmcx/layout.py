@@ -47,11 +47,21 @@ def three_dir(root: Path, width: float, anchor: int, b: int, c: int, method: str
 
 
 def seed_pairs(cfg: ExperimentConfig) -> list[tuple[int, int]]:
+    """all: every pair; consecutive: (s0, s1), (s1, s2), ... (neighbours share a model, so their
+    barriers are correlated); disjoint: (s0, s1), (s2, s3), ... (no model in two pairs; an odd last seed
+    is left out); or the listed pairs."""
     if cfg.pairs == "all":
         return list(itertools.combinations(cfg.seeds, 2))
     if cfg.pairs == "consecutive":
         return list(zip(cfg.seeds, cfg.seeds[1:]))
+    if cfg.pairs == "disjoint":
+        return list(zip(cfg.seeds[0::2], cfg.seeds[1::2]))
     return [tuple(p) for p in cfg.pairs]
+
+
+def width_label(width: float) -> str:
+    """A width multiplier as every report, table and plot prints it: `0.25×`, `1×`."""
+    return f"{width:g}×"
 
 
 def experiment_dir(cfg: ExperimentConfig) -> Path:

@@ -8,7 +8,8 @@ One B:
   permuted.safetensors   B permuted into A's frame: an ordinary checkpoint (info: permuted_from, method,
                          matched_to, plus B's own info)
   metrics.json           written last (the completeness marker): method, settings, iterations, objective
-                         per sweep (wm), L2 distance to A before and after (total and per parameter),
+                         per sweep (wm) and which tensors it sums over (wm_objective), L2 distance to A
+                         before and after over the trainable parameters (l2_definition; total and per parameter),
                          seconds, LAP seconds, method details (am: correlations; ste: losses, history),
                          and `outputs: [{source, permutation, permuted}]`
 
@@ -51,10 +52,19 @@ def match_outputs(num_b: int) -> list[str]:
     return [METRICS_FILE] + [f"b{i}" for i in range(1, num_b + 1)]
 
 
-def _l2(state_a, state_b) -> dict[str, Any]:
+def parameter_names(ckpt: Checkpoint) -> list[str]:
+    """The trainable parameters of the checkpoint's model (built on the meta device: no memory)."""
+    from .models import build_model
+
+    with torch.device("meta"):
+        return [n for n, _ in build_model(ckpt.model, ckpt.in_shape, ckpt.num_classes).named_parameters()]
+
+
+def _l2(state_a, state_b, keys: list[str]) -> dict[str, Any]:
+    """L2 to A as everywhere in lmcx (weight_matching.L2_DEFINITION): over `keys`, the trainable parameters."""
     from .permutation import l2_distance
 
-    total, per = l2_distance(state_a, state_b)
+    total, per = l2_distance(state_a, state_b, keys)
     return {"total": total, "per_param": per}
 
 
@@ -66,10 +76,12 @@ def match_pair(spec, a: Checkpoint, b: Checkpoint, cfg: MatchConfig, device: tor
     from .permutation.activation_matching import TIEBREAK
 
     if cfg.method == "wm":
+        from .permutation.weight_matching import objective_keys
+
         sa = {k: v.to(device) for k, v in a.state.items()}
         sb = {k: v.to(device) for k, v in b.state.items()}
         r = weight_matching(spec, sa, sb, max_iter=cfg.max_iter, seed=cfg.seed, start=cfg.start, tol=cfg.tol,
-                            show_progress=True)
+                            show_progress=True, keys=objective_keys(parameter_names(a), cfg.wm_objective))
         return r.perm, {"iterations": r.iterations, "converged": r.converged, "stop": r.stop, "objective": r.objective,
                         "solves": r.solves, "lap_seconds": r.lap_seconds, "match_seconds": r.seconds}
     model_a = build_from_checkpoint(a, device)
@@ -94,19 +106,22 @@ def match_pair(spec, a: Checkpoint, b: Checkpoint, cfg: MatchConfig, device: tor
                                       f"per permutation; ties (dead units) broken by pre-activation correlation "
                                       f"x {TIEBREAK:g}"}}
     if cfg.method == "ste":
-        r = straight_through_estimator(spec, model_a, model_b, ds, cfg.ste, seed=cfg.seed, max_iter=cfg.max_iter)
+        r = straight_through_estimator(spec, model_a, model_b, ds, cfg.ste, seed=cfg.seed, max_iter=cfg.max_iter,
+                                       wm_objective=cfg.wm_objective)
         return r.perm, {"iterations": r.steps, "objective": None, "lap_seconds": r.lap_seconds,
                         "match_seconds": r.seconds,
                         "ste": {"best_midpoint_train_loss": r.best_loss, "best_step": r.best_step,
                                 "initial_midpoint_train_loss": r.initial_loss,
                                 "naive_midpoint_train_loss": r.naive_loss, "eval_samples": r.eval_samples,
-                                "steps": r.steps, "wm_calls": r.wm_calls, "wm_sweeps": r.wm_sweeps,
+                                "steps": r.steps, "eval_every": r.eval_every, "checks": r.checks,
+                                "evaluations": r.evaluations, "wm_calls": r.wm_calls, "wm_sweeps": r.wm_sweeps,
                                 "wm_seconds": r.wm_seconds, "history": r.history,
                                 "settings": to_dict(cfg.ste),
                                 "notes": "midpoint 1/2(theta_A + pi(theta_B)) in train mode (BN batch statistics); "
                                          "best permutation by midpoint loss on the first eval_samples training "
-                                         "images, scored at step 0 (WM projection of theta_A) and after every "
-                                         "epoch (or eval_every steps)"}}
+                                         "images, checked at step 0 (WM projection of theta_A), every eval_every "
+                                         "steps (0: once per epoch) and at each epoch's end; each distinct "
+                                         "permutation scored once (history: one row per scored permutation)"}}
     raise LmcxError(f"unknown matching method {cfg.method!r}; choose wm, am or ste")
 
 
@@ -115,11 +130,12 @@ def _write_pair(out: Path, spec, a: Checkpoint, b: Checkpoint, perm: dict[str, t
     """permutation.json and permuted.safetensors for one B; returns B's permuted state."""
     from .permutation import apply_permutation, save_permutation_file
 
-    info = {"method": method, "seed": cfg.seed, "a": str(a.path), "b": str(b.path), **extra_info}
+    info = {"method": method, "seed": cfg.seed, "a": str(a.path), "b": str(b.path),
+            **({"wm_objective": cfg.wm_objective} if method in ("wm", "ste") else {}), **extra_info}
     save_permutation_file(out / PERMUTATION_FILE, perm, info)
     permuted = apply_permutation(spec, perm, b.state)
     ckpt_info = {**b.info, "permuted_from": str(b.path), "method": method, "matched_to": str(a.path),
-                 "match_seed": cfg.seed, **extra_info}
+                 "match_seed": cfg.seed, **{k: v for k, v in info.items() if k == "wm_objective"}, **extra_info}
     save_checkpoint(out / PERMUTED_FILE, Checkpoint(b.model, b.data, b.in_shape, b.num_classes, permuted, ckpt_info))
     return permuted
 
@@ -151,6 +167,7 @@ def match_checkpoints(a_path, b_paths: list, cfg: MatchConfig, out_dir, device: 
     docstring into `out_dir`; returns what metrics.json holds."""
     from .models import permutation_coverage, permutation_spec
     from .permutation import l2_distance, merge_many
+    from .permutation.weight_matching import L2_DEFINITION, OBJECTIVES, objective_keys
     from .threads import thread_info
     from .train import resolve_device
 
@@ -189,13 +206,14 @@ def match_checkpoints(a_path, b_paths: list, cfg: MatchConfig, out_dir, device: 
         extra = {}
     else:
         r = merge_many(spec, [{k: v.to(dev) for k, v in c.state.items()} for c in [a, *bs]],
-                       max_iter=cfg.max_iter, seed=cfg.seed)
+                       max_iter=cfg.max_iter, seed=cfg.seed, keys=objective_keys(parameter_names(a), cfg.wm_objective))
         pairs = [(p, {"iterations": r.iterations, "converged": r.converged, "objective": None,
                       "match_seconds": r.seconds}) for p in r.perms[1:]]
         method = "wm"
         extra = {"many": "merge-many"}
 
     single = len(bs) == 1
+    l2_keys = parameter_names(a)
     outputs: list[dict[str, Any]] = []
     permuted_states = []
     for i, (b, (perm, stats)) in enumerate(zip(bs, pairs), 1):
@@ -207,7 +225,8 @@ def match_checkpoints(a_path, b_paths: list, cfg: MatchConfig, out_dir, device: 
         permuted_states.append(permuted)
         rel = (lambda name: name) if single else (lambda name, i=i: f"b{i}/{name}")
         outputs.append({"source": str(b.path), "permutation": rel(PERMUTATION_FILE), "permuted": rel(PERMUTED_FILE),
-                        "l2_before": _l2(a.state, b.state), "l2_after": _l2(a.state, permuted), **stats})
+                        "l2_before": _l2(a.state, b.state, l2_keys), "l2_after": _l2(a.state, permuted, l2_keys),
+                        **stats})
 
     metrics: dict[str, Any] = {
         "method": method, "method_name": METHOD_NAMES[method], "seed": cfg.seed, "a": str(a.path),
@@ -219,7 +238,10 @@ def match_checkpoints(a_path, b_paths: list, cfg: MatchConfig, out_dir, device: 
             "tensors_permuted": coverage.tensors_permuted, "axes": coverage.axes,
             "axes_permuted": coverage.axes_permuted, "block_axes": coverage.block_axes,
             "pinned": {reason: {"axes": len(axes), "e.g.": axes[:3]} for reason, axes in coverage.pinned.items()}},
+        "l2_definition": L2_DEFINITION,
     }
+    if method in ("wm", "ste"):
+        metrics.update(wm_objective=cfg.wm_objective, wm_objective_definition=OBJECTIVES[cfg.wm_objective])
     if single:
         o = outputs[0]
         metrics.update({k: v for k, v in o.items() if k not in ("source", "permutation", "permuted")})
@@ -233,8 +255,8 @@ def match_checkpoints(a_path, b_paths: list, cfg: MatchConfig, out_dir, device: 
         between = []
         for (i, bi), (j, bj) in itertools.combinations(enumerate(bs, 1), 2):
             between.append({"pair": [f"b{i}", f"b{j}"],
-                            "l2_before": l2_distance(bi.state, bj.state)[0],
-                            "l2_after": l2_distance(permuted_states[i - 1], permuted_states[j - 1])[0]})
+                            "l2_before": l2_distance(bi.state, bj.state, l2_keys)[0],
+                            "l2_after": l2_distance(permuted_states[i - 1], permuted_states[j - 1], l2_keys)[0]})
         metrics["l2_between_b"] = between
     metrics["seconds"] = time.perf_counter() - t_start
     write_json(out / METRICS_FILE, metrics)

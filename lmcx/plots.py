@@ -5,6 +5,8 @@ atomically, like every other output.
 """
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -88,56 +90,71 @@ def _short_layer(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
+def _log_ticks(ax, values: list[float]) -> None:
+    """Labelled ticks on a log y axis, as plain numbers, dense enough for a spectrum spanning less than a
+    decade and sparse enough for many decades (matplotlib's default labels every minor tick of a narrow
+    range, on top of each other)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    decades = math.log10(max(values) / min(values)) if values else 0.0
+    subs = (1.0,) if decades > 2.5 else (1.0, 2.0, 5.0) if decades > 0.8 else (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_svd_spectra(layers: list[dict], path: str | Path) -> None:
     """Small multiples, one per layer weight: singular values of A and B (log scale). π(B) has B's
     spectrum (a permutation never changes singular values), so it is not drawn separately."""
     n = len(layers)
     cols = min(4, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False)
     for ax, layer in zip(axes.flat, layers):
         sv = layer["singular_values"]
         ax.semilogy(range(1, len(sv["a"]) + 1), sv["a"], color=MODEL_A_COLOR, lw=1.2, label="A")
         ax.semilogy(range(1, len(sv["b"]) + 1), sv["b"], color=MODEL_B_COLOR, lw=1.2, ls="--", label="B = π(B)")
         ax.set_title(f"{_short_layer(layer['name'])} {'x'.join(map(str, layer['matrix_shape']))}", fontsize=8)
+        _log_ticks(ax, [v for v in sv["a"] + sv["b"] if v > 0])
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3, which="both", lw=0.4)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("singular value s_i", fontsize=8)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("index i (descending)", fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, frameon=False)
-    fig.supxlabel("index i", fontsize=9)
-    fig.supylabel("singular value s_i", fontsize=9)
     fig.suptitle("Singular values per layer (B and π(B) coincide)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
 
 
-def plot_svd_alignment(layers: list[dict], path: str | Path, weighted: bool = False) -> None:
+def plot_svd_alignment(layers: list[dict], path: str | Path, weighted: bool = False, k_rule: str = "min") -> None:
     """R(γ) per layer: A vs π(B) solid, A vs B (no permutation) dashed, one colour per γ; with
     `weighted`, a second panel for the singular-value-weighted R_w(γ)."""
     panels = [("", "R(γ)")] + ([("_weighted", "weighted R_w(γ)")] if weighted else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.0, 0.45 * len(layers) + 2.5) * len(panels), 3.6),
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.0, 0.45 * len(layers) + 2.5) * len(panels), 3.8),
                              squeeze=False)
     x = list(range(1, len(layers) + 1))
     gammas = [a["gamma"] for a in layers[0]["alignment"]]
+    k_text = "k = min(k_A, k_B)" if k_rule == "min" else "own k, ÷ √(k_A·k_B)"
     for ax, (suffix, title) in zip(axes.flat, panels):
         for i, g in enumerate(gammas):
             color = SERIES_COLORS[i % len(SERIES_COLORS)]
             perm = [layer["alignment"][i]["permuted" + suffix] for layer in layers]
             naive = [layer["alignment"][i]["naive" + suffix] for layer in layers]
-            ax.plot(x, perm, color=color, marker="o", ms=3, lw=1.5, label=f"γ={g:g} π(B)")
-            ax.plot(x, naive, color=color, marker="o", ms=3, lw=1.0, ls="--", alpha=0.8, label=f"γ={g:g} B")
-            ax.annotate(f"γ={g:g}", (x[-1], perm[-1]), xytext=(4, 0), textcoords="offset points", color=color,
-                        fontsize=7, va="center")
+            ax.plot(x, perm, color=color, marker="o", ms=3, lw=1.5, label=f"γ={g:g}, A vs π(B)")
+            ax.plot(x, naive, color=color, marker="o", ms=3, lw=1.0, ls="--", alpha=0.8, label=f"γ={g:g}, A vs B")
         ax.axhline(0, color="#999999", lw=0.6)
         ax.set_xticks(x, [_short_layer(layer["name"]) for layer in layers], rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel("layer weight (input first)", fontsize=8)
         ax.set_ylabel(title)
-        ax.set_title(f"{title}: A vs π(B) (solid) and A vs B (dashed)", fontsize=9)
+        ax.set_title(f"{title}: A vs π(B) (solid) and A vs B (dashed); {k_text}", fontsize=9)
         ax.grid(alpha=0.3, lw=0.4)
-        ax.legend(fontsize=7, frameon=False, ncol=2)
+        ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     save_figure(fig, path)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,33 +166,45 @@ def _lambda_colors(n: int) -> list:
     return [cmap(0.1 + 0.75 * i / max(1, n - 1)) for i in range(n)]
 
 
+HALF_NOTE = "At λ = ½ both predictions are multiples of f(A) + f(B): their cosines coincide by construction."
+
+
 def plot_lewc_cosine(layers: list[dict], path: str | Path) -> None:
     """Cosine similarity of the merged model's f_ℓ with LEWC's prediction (solid) and LLFC's (dashed)
     per layer ℓ, one colour per λ. θ(λ) = (1 − λ) θ_A + λ θ_B."""
+    from matplotlib.lines import Line2D
+
     lambdas = [e["lambda"] for e in layers[0]["lambdas"]]
     x = [layer["index"] for layer in layers]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.4 * len(x) + 3), 3.6))
-    for j, (lam, color) in enumerate(zip(lambdas, _lambda_colors(len(lambdas)))):
-        lewc = [layer["lambdas"][j]["cos_lewc"] for layer in layers]
-        llfc = [layer["lambdas"][j]["cos_llfc"] for layer in layers]
-        ax.plot(x, lewc, color=color, marker="o", ms=3, lw=1.6, label=f"λ={lam:g} LEWC")
-        ax.plot(x, llfc, color=color, marker="s", ms=3, lw=1.0, ls="--", label=f"λ={lam:g} LLFC")
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.4 * len(x) + 3), 3.8))
+    colors = _lambda_colors(len(lambdas))
+    for j, (lam, color) in enumerate(zip(lambdas, colors)):
+        ax.plot(x, [layer["lambdas"][j]["cos_lewc"] for layer in layers], color=color, marker="o", ms=3, lw=1.6)
+        ax.plot(x, [layer["lambdas"][j]["cos_llfc"] for layer in layers], color=color, marker="s", ms=3, lw=1.0,
+                ls="--")
+    # legend in the title's order: the two predictions first, then one colour per λ
+    handles = [Line2D([], [], color="black", marker="o", ms=3, lw=1.6, label="LEWC"),
+               Line2D([], [], color="black", marker="s", ms=3, lw=1.0, ls="--", label="LLFC")]
+    handles += [Line2D([], [], color=c, lw=3, label=f"λ = {lam:g}") for lam, c in zip(lambdas, colors)]
+    ax.legend(handles=handles, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_xticks(x, [str(i) for i in x])
     ax.set_xlabel("layer ℓ (from the input; last = logits)")
     ax.set_ylabel("cosine similarity with prediction")
     ax.set_title("Merged features vs LEWC (solid) and LLFC (dashed); θ(λ) = (1−λ)θ_A + λθ_B", fontsize=9)
     ax.grid(alpha=0.3, lw=0.4)
-    ax.legend(fontsize=7, frameon=False, ncol=2)
-    fig.tight_layout()
+    if 0.5 in lambdas:
+        fig.text(0.01, 0.005, HALF_NOTE, fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.05 if 0.5 in lambdas else 0, 1, 1))
     save_figure(fig, path)
 
 
-def plot_lewc_coefficients(layers: list[dict], path: str | Path) -> None:
+def plot_lewc_coefficients(layers: list[dict], path: str | Path, note: str = "") -> None:
     """One panel per λ: fitted α (weight of f(A)) and β (weight of f(B)) per layer, against LEWC's
-    ((1 − λ)^ℓ, λ^ℓ) (solid) and LLFC's (1 − λ, λ) (dashed). Unidentifiable fits are left out."""
+    ((1 − λ)^ℓ, λ^ℓ) (solid) and LLFC's (1 − λ, λ) (dashed). Unidentifiable fits are left out; the
+    legend sits below the panels, off the data. `note` (e.g. what ℓ means) goes under the title."""
     lambdas = [e["lambda"] for e in layers[0]["lambdas"]]
     x = [layer["index"] for layer in layers]
-    fig, axes = plt.subplots(1, len(lambdas), figsize=(3.6 * len(lambdas), 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(lambdas), figsize=(3.6 * len(lambdas), 3.8), squeeze=False, sharey=True)
     colors = {"alpha": MODEL_A_COLOR, "beta": MODEL_B_COLOR}
     for ax, (j, lam) in zip(axes.flat, enumerate(lambdas)):
         for key, label in (("alpha", "α (A)"), ("beta", "β (B)")):
@@ -189,11 +218,14 @@ def plot_lewc_coefficients(layers: list[dict], path: str | Path) -> None:
         ax.set_title(f"λ = {lam:g}", fontsize=9)
         ax.set_xticks(x, [str(i) for i in x], fontsize=7)
         ax.set_xlabel("layer ℓ")
+        ax.set_ylabel("coefficient")
+        ax.yaxis.set_tick_params(labelleft=True)
         ax.grid(alpha=0.3, lw=0.4)
-    axes.flat[0].set_ylabel("coefficient")
-    axes.flat[0].legend(fontsize=6, frameon=False)
-    fig.suptitle("Least squares f_ℓ(θ(λ)) ≈ α f_ℓ(A) + β f_ℓ(B), θ(λ) = (1−λ)θ_A + λθ_B", fontsize=9)
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7, frameon=False)
+    title = "Least squares f_ℓ(θ(λ)) ≈ α f_ℓ(A) + β f_ℓ(B), θ(λ) = (1−λ)θ_A + λθ_B"
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     save_figure(fig, path)
 
 
@@ -201,23 +233,29 @@ def plot_lewc_coefficients(layers: list[dict], path: str | Path) -> None:
 # Experiment report (owner: report)
 
 
+def _pairs_text(n: int) -> str:
+    return f"{n} pair{'s' if n != 1 else ''}"
+
+
 def plot_barrier_vs_width(rows: list[dict], methods: list[str], path: str | Path) -> None:
-    """Test loss barrier (raw solid, calibrated dashed) and accuracy barrier against width, one colour
-    per method, mean ± std over pairs."""
-    import statistics
+    """Test loss barrier (raw solid, calibrated dashed) and accuracy barrier (pp) against width, one
+    colour per method, mean ± std over pairs (error bars only where n > 1; n in the titles)."""
+    from .layout import width_label
 
     widths = sorted({r["width"] for r in rows})
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.9))
+    counts: set[int] = set()
 
-    def series(method: str, key: str, scale: float = 1.0):
+    def series(method: str, key: str):
         xs, ms, ss = [], [], []
         for w in widths:
-            vals = [r[key] * scale for r in rows if r["width"] == w and r["method"] == method and r["split"] == "test"
+            vals = [r[key] for r in rows if r["width"] == w and r["method"] == method and r["split"] == "test"
                     and r.get(key) is not None]
             if vals:
+                counts.add(len(vals))
                 xs.append(w)
                 ms.append(statistics.fmean(vals))
-                ss.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+                ss.append(statistics.stdev(vals) if len(vals) > 1 else float("nan"))  # nan: no error bar
         return xs, ms, ss
 
     for i, method in enumerate(methods):
@@ -227,17 +265,26 @@ def plot_barrier_vs_width(rows: list[dict], methods: list[str], path: str | Path
             if xs:
                 ax_loss.errorbar(xs, ms, yerr=ss, color=color, linestyle=style, marker="o", capsize=3,
                                  label=f"{method}{suffix}")
-        xs, ms, ss = series(method, "accuracy_barrier", 100)
+        xs, ms, ss = series(method, "acc_barrier_pp")
         if xs:
             ax_acc.errorbar(xs, ms, yerr=ss, color=color, marker="o", capsize=3, label=method)
-    for ax, title in ((ax_loss, "test loss barrier"), (ax_acc, "test accuracy barrier (pp)")):
+    if counts == {1}:
+        over = "1 pair per width, no error bars"
+    else:
+        over = f"mean ± std over n = {'–'.join(str(c) for c in sorted(counts)) or 0} pairs per width"
+    for ax, title, ylabel in ((ax_loss, "test loss barrier", "loss barrier (nats)"),
+                              (ax_acc, "test accuracy barrier", "accuracy barrier (pp)")):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(widths, [f"{w:g}×" for w in widths])
+        ax.set_xticks(widths, [width_label(w) for w in widths])
+        ax.minorticks_off()
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xlabel("width multiplier")
-        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} ({over})", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(frameon=False, fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a report written before any step finished has nothing to label
+            ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -245,7 +292,9 @@ def plot_curves_per_width(curve_files: list[Path], methods: list[str], width: fl
     """Test loss and accuracy against λ at one width: thin lines per pair, one colour per method."""
     import csv
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    from .layout import width_label
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.9))
     for file in curve_files:
         with open(file) as f:
             rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
@@ -261,9 +310,13 @@ def plot_curves_per_width(curve_files: list[Path], methods: list[str], width: fl
                 ax_loss.plot(lam, [float(r["calibrated_loss"]) for r in sel], color=color, linestyle="--",
                              linewidth=1.0, label=f"{method} calibrated" if label else None)
             ax_acc.plot(lam, [100 * float(r["accuracy"]) for r in sel], color=color, linewidth=1.4, label=label)
-    for ax, title in ((ax_loss, f"test loss, width {width:g}×"), (ax_acc, f"test accuracy %, width {width:g}×")):
+    pairs = _pairs_text(len(curve_files))
+    for ax, title, ylabel in ((ax_loss, "test loss", "loss (cross-entropy)"), (ax_acc, "test accuracy", "accuracy (%)")):
         ax.set_xlabel("λ  (0 = model A, 1 = model B)")
-        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}, width {width_label(width)}, {pairs} (one line each)", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(frameon=False, fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a report written before any step finished has nothing to label
+            ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
     save_figure(fig, path)

@@ -293,13 +293,14 @@ def _train(job: TrainJob, run_dir: Path, resume: bool, tracker) -> dict[str, Any
                "train_images_per_second": len(ds.y_train) * (cfg.epochs - start_epoch) / max(train_seconds, 1e-9)}
     if dist.is_main:
         resolved = to_dict(job)
-        info = {"seed": job.seed, "run_dir": str(run_dir)}
+        info = {"seed": job.seed, "run_dir": str(run_dir), "preprocessing": ds.preprocessing(job.data.normalization)}
         save_checkpoint(run_dir / MODEL_FILE, Checkpoint(job.model, job.data, ds.in_shape, ds.num_classes,
                                                          model.state_dict(), info))
         write_json(run_dir / "meta.json", {
             "architecture": job.model.arch, "width": job.model.width, "norm": job.model.norm,
             "bias": job.model.bias, "dataset": job.data.name, "seed": job.seed, "num_classes": ds.num_classes,
-            "in_shape": list(ds.in_shape), "num_parameters": sum(p.numel() for p in model.parameters()),
+            "in_shape": list(ds.in_shape), "preprocessing": info["preprocessing"],
+            "num_parameters": sum(p.numel() for p in model.parameters()),
             "device": str(device), "world_size": dist.world_size, "threads": thread_info, "config": resolved,
             "metrics": metrics,
             "versions": versions(), "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

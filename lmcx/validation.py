@@ -13,6 +13,9 @@ from .errors import LmcxError
 
 METHODS = ("wm", "am", "ste")  # what an experiment may list in `methods` (naive is always included)
 ANALYSES = ("svd", "lewc")
+PAIRINGS = ("all", "consecutive", "disjoint")  # named ways to pair an experiment's seeds
+# datasets with published per-channel pixel constants (data.normalization: standard); data.py holds them
+STANDARD_NORMALIZATION = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -69,7 +72,12 @@ def check_model(cfg: Any, p: str) -> None:
 
 def check_data(cfg: Any, p: str) -> None:
     """Ranges of a DataConfig."""
-    _require(cfg.calib_size >= 0, f"{p}calib_size", f"must be >= 0, got {cfg.calib_size}")
+    _require(cfg.calib_size is None or cfg.calib_size >= 0, f"{p}calib_size",
+             f"must be >= 0 or null (the dataset's default), got {cfg.calib_size}")
+    _require(cfg.normalization == "train" or cfg.name in STANDARD_NORMALIZATION, f"{p}normalization",
+             f"'standard' means a dataset's published mean/std, which exist for {', '.join(STANDARD_NORMALIZATION)} "
+             f"but not for {cfg.name!r} (its pixels are standardised with the training split's own statistics); "
+             "use data.normalization: train")
     _require(cfg.train_size is None or cfg.train_size > 0, f"{p}train_size", "must be > 0 or null")
     _require(cfg.crop_padding >= 0, f"{p}crop_padding", "must be >= 0")
 
@@ -179,11 +187,11 @@ def check_experiment(cfg: Any, p: str) -> None:
         _require(a in ANALYSES, f"{p}analyses", f"unknown analysis {a!r}; choose from {', '.join(ANALYSES)}")
     _require(cfg.name != "" and "/" not in cfg.name, f"{p}name", "must be a non-empty name without '/'")
     pairs = cfg.pairs
+    pairs_hint = "must be all, consecutive, disjoint, or a list of [seed_a, seed_b]"
     if isinstance(pairs, str):
-        _require(pairs in ("all", "consecutive"), f"{p}pairs", "must be all, consecutive, or a list of [seed_a, seed_b]")
+        _require(pairs in PAIRINGS, f"{p}pairs", pairs_hint)
     else:
-        _require(isinstance(pairs, list) and len(pairs) > 0, f"{p}pairs",
-                 "must be all, consecutive, or a list of [seed_a, seed_b]")
+        _require(isinstance(pairs, list) and len(pairs) > 0, f"{p}pairs", pairs_hint)
         for pair in pairs:
             _require(isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, int) for s in pair)
                      and pair[0] != pair[1], f"{p}pairs", f"{pair!r} is not a pair of two different seeds")

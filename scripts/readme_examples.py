@@ -37,6 +37,10 @@ SUBSTITUTES: dict[str, tuple[str | None, str]] = {
         "python -c \"from tensorboard.backend.event_processing.event_accumulator import EventAccumulator as E; "
         "e = E('runs/s4/tensorboard'); e.Reload(); assert e.Tags()['scalars']\"",
         "starts a server: the event files it would show are read back instead"),
+    "lmcx train -c configs/mnist_mlp.yaml --set data.download=true": (
+        SKIP, "downloads MNIST: no network here; the offline line below trains on the same files"),
+    "lmcx train -c configs/cifar10_resnet20.yaml --set data.name=cifar10 --set data.download=true": (
+        SKIP, "downloads CIFAR-10: no network here; the offline line below runs the config"),
     "lmcx train -c configs/mnist_mlp.yaml --data-root /tmp/lmcx-data": (
         "lmcx train -c configs/mnist_mlp.yaml --data-root /tmp/lmcx-data --epochs 1",
         "one epoch instead of 10 (full MNIST on 2 CPU cores)"),

@@ -68,3 +68,15 @@ def test_bad_input():
     with pytest.raises(LmcxError, match="temperature must be > 0"):
         calibrated_nll(z, y, 0.0)
     assert calibrated_nll(z, y, 1.0) == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-6)
+
+
+def test_calibration_check_flags_small_splits_and_endpoints_made_worse():
+    from lmcx.calibrate import MIN_RELIABLE_CALIB, calibration_check
+
+    good = calibration_check(5000, (0.10, 0.12), (0.09, 0.12))
+    assert good["reliable"] and good["reasons"] == [] and good["calib_size"] == 5000
+    small = calibration_check(MIN_RELIABLE_CALIB - 1, (0.10, 0.12), (0.09, 0.12))
+    assert not small["reliable"] and "calibration split" in small["reasons"][0]
+    worse = calibration_check(5000, (0.10, 0.12), (0.10, 0.125))  # endpoint B 4 % above its raw loss
+    assert not worse["reliable"] and len(worse["reasons"]) == 1 and "endpoint B" in worse["reasons"][0]
+    assert calibration_check(5000, (0.10, 0.12), (0.1005, 0.12))["reliable"]  # within the 1 % tolerance

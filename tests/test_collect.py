@@ -108,7 +108,7 @@ def test_figures_are_the_runs_numbers(runs):
         s = _summary(exp, method)  # written by `lmcx report` from the same barrier.json
         assert curve[f"loss_barrier_{method}"] == float(s["loss_barrier"])
         assert curve[f"calibrated_loss_barrier_{method}"] == float(s["calibrated_loss_barrier"])
-        assert curve[f"accuracy_barrier_{method}"] == float(s["accuracy_barrier"])
+        assert 100 * curve[f"accuracy_barrier_{method}"] == pytest.approx(float(s["acc_barrier_pp"]), rel=1e-12)
         lewc = rows[str(exp / "lewc" / f"w0.25-s0-s1-{method}")]
         assert lewc["lewc_cos_lambda0.5"] == float(s["lewc_cos_lambda0.5"])
         assert lewc["llfc_cos_lambda0.5"] == float(s["llfc_cos_lambda0.5"])
@@ -117,7 +117,8 @@ def test_figures_are_the_runs_numbers(runs):
     svd, match = rows[str(exp / "svd" / "w0.25-s0-s1")], rows[str(exp / "match" / "w0.25-s0-s1-wm")]
     assert svd["alignment_R_gamma0.3_naive"] == float(_summary(exp, "naive")["alignment_R_gamma0.3"])
     assert svd["alignment_R_gamma0.3_permuted"] == float(_summary(exp, "wm")["alignment_R_gamma0.3"])
-    assert 1 - svd["l2_after"] / svd["l2_before"] == pytest.approx(float(_summary(exp, "wm")["l2_relative_reduction"]))
+    assert 100 * (1 - svd["l2_after"] / svd["l2_before"]) == pytest.approx(
+        float(_summary(exp, "wm")["l2_relative_reduction_pct"]))
     # an MLP without buffers: the match's L2 (every float tensor) is the SVD's (parameters)
     assert match["l2_before"] == pytest.approx(svd["l2_before"], rel=1e-12)
     assert match["l2_after"] == pytest.approx(svd["l2_after"], rel=1e-12) and match["l2_after"] < match["l2_before"]

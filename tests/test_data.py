@@ -40,6 +40,46 @@ def test_normalisation_standardises_training_pixels():
     assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-2
 
 
+def test_default_calibration_split_is_a_third_of_a_small_set_at_most_5000():
+    from lmcx.data import default_calib_size
+
+    assert len(load_dataset(DataConfig(name="digits")).y_calib) == 1437 // 3 == 479
+    assert default_calib_size(55_000) == 5000 and default_calib_size(60) == 20
+
+
+def test_standard_normalisation_uses_the_published_constants_and_is_recorded(tmp_path, monkeypatch):
+    """data.normalization: standard on MNIST (a stand-in loader: no download in tests) uses MNIST's
+    published mean/std, and the checkpoint and meta.json say so; datasets without published constants
+    are refused with the setting's name."""
+    import json
+
+    from lmcx import data
+    from lmcx.checkpoint import load_checkpoint
+    from lmcx.config import ModelConfig, TrainConfig, TrainJob, validate
+    from lmcx.train import train
+    from lmcx.validation import STANDARD_NORMALIZATION
+
+    assert set(STANDARD_NORMALIZATION) == set(data.STANDARD_STATS)
+    blobs = data._load_synthetic(DataConfig(name="synthetic", synthetic=SyntheticConfig(  # MNIST-shaped
+        train_size=256, test_size=64, num_classes=10, shape=[1, 28, 28])), tmp_path)
+    monkeypatch.setitem(data.DATASETS, "mnist", lambda cfg, root: blobs)
+    monkeypatch.setenv("LMCX_CACHE_DIR", str(tmp_path / "cache"))  # the stand-in must not be cached for others
+    cfg = DataConfig(name="mnist", calib_size=32, normalization="standard")
+    ds = load_dataset(cfg)
+    assert ds.mean.tolist() == pytest.approx([0.1307]) and ds.std.tolist() == pytest.approx([0.3081])
+    assert not torch.allclose(ds.mean, load_dataset(DataConfig(name="mnist", calib_size=32)).mean)
+    job = TrainJob(data=cfg, model=ModelConfig(width=1 / 32, norm="none"),
+                   train=TrainConfig(optimizer="adam", lr=1e-3, epochs=1, batch_size=64, warmup_epochs=0), device="cpu")
+    train(job, tmp_path / "run")
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.data.normalization == "standard"
+    recorded = ckpt.info["preprocessing"]
+    assert recorded["normalization"] == "standard" and recorded["mean"] == [0.1307] and recorded["calib_size"] == 32
+    assert json.loads((tmp_path / "run" / "meta.json").read_text())["preprocessing"] == recorded
+    with pytest.raises(LmcxError, match="data.normalization.*'digits'"):
+        validate(DataConfig(name="digits", normalization="standard"), "data.")
+
+
 def test_augment_crops_and_flips_exactly():
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
     gen = torch.Generator().manual_seed(0)

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from conftest import assert_clean_error, write_yaml
+from lmcx.errors import LmcxError
 
 EXPERIMENT = """
 name: tiny
@@ -56,9 +57,21 @@ def test_run_writes_report_and_rerun_is_incremental(tmp_path, cli, monkeypatch):
                  "interpolate/w0.125-s0-s1/barrier.json", "svd/w0.125-s0-s1/svd.json", "lewc/w0.125-s0-s1-wm/lewc.json"):
         assert (out / name).exists(), name
     report = (out / "report.md").read_text()
-    assert "## Width 0.125" in report and "| wm | test |" in report
+    assert "## Width 0.125×" in report and "| wm | test |" in report
     rows = _summary(out)
     assert {r["method"] for r in rows} == {"naive", "wm"} and all(r["loss_barrier"] for r in rows)
+    # one pair: single values, no ± (and no n); summary.csv in the report's units (pp)
+    wm_test = next(line for line in report.splitlines() if line.startswith("| wm | test |"))
+    assert "(n=" not in wm_test and "±" not in wm_test and "1 pair per width" in report
+    barrier = json.loads((out / "interpolate/w0.125-s0-s1/barrier.json").read_text())
+    row = next(r for r in rows if r["method"] == "wm" and r["split"] == "test")
+    assert row["n_pairs"] == "1" and float(row["acc_barrier_pp"]) == pytest.approx(
+        100 * barrier["results"]["wm"]["test"]["raw"]["accuracy_barrier"])
+    assert f"| {float(row['acc_barrier_pp']):.2f} |" in wm_test
+    # 64 calibration images: the fitted temperatures are flagged, in barrier.json and in the report
+    check = barrier["results"]["wm"]["calibration_check"]
+    assert check["reliable"] is False and "64 images" in check["reasons"][0]
+    assert "flagged unreliable" in report and row["calibration_reliable"] == "False"
 
     # Re-running trains nothing: every step is already complete.
     stamp = (out / "train/w0.125-s0/model.safetensors").stat().st_mtime_ns
@@ -80,6 +93,21 @@ def test_run_writes_report_and_rerun_is_incremental(tmp_path, cli, monkeypatch):
                and ": done" in line]
     assert trained == [line for line in trained if "w0.125-s2" in line] and len(trained) == 1
     assert len({(r["seed_a"], r["seed_b"]) for r in _summary(out)}) == 3
+    assert {r["n_pairs"] for r in _summary(out)} == {"3"} and "(n=3)" in (out / "report.md").read_text()
+    assert "pairs share models" in (out / "report.md").read_text()  # `all` reuses each model in two pairs
+
+
+def test_disjoint_pairs_share_no_model(tmp_path):
+    from lmcx.config import ExperimentConfig, load_config
+    from lmcx.layout import seed_pairs
+
+    exp = write_yaml(tmp_path / "exp.yaml", EXPERIMENT.replace("seeds: [0, 1]", "seeds: [0, 1, 2, 3, 4]"))
+    pairings = {p: seed_pairs(load_config(ExperimentConfig, exp, [{"pairs": p}]))
+                for p in ("all", "consecutive", "disjoint")}
+    assert pairings["disjoint"] == [(0, 1), (2, 3)]  # the odd last seed is left out
+    assert pairings["consecutive"] == [(0, 1), (1, 2), (2, 3), (3, 4)] and len(pairings["all"]) == 10
+    with pytest.raises(LmcxError, match="disjoint"):
+        load_config(ExperimentConfig, exp, [{"pairs": "random"}])
 
 
 def test_changed_settings_are_refused_before_anything_runs(tmp_path, cli):

@@ -148,6 +148,11 @@ def test_every_architecture_on_cpu(arch, width, tmp_path):
     points = feature_points(cfg, (3, 8, 8), 4)
     assert [la["name"] for la in out["layers"]] == points
     assert out["settings"]["norm_fix"] == "reset" and out["settings"]["norm_fix_requested"] == "auto"
+    # BN reset re-standardises θ(λ): the verdict uses the scale-free comparison, and ℓ's meaning is stated
+    assert out["settings"]["comparison"] == "scale_free" and "BatchNorm" in out["settings"]["comparison_note"]
+    assert all(row["comparison"] == "scale_free" for row in out["summary"])
+    if arch == "resnet20":
+        assert "each basic block +1" in out["settings"]["layer_index"] and "stem = 1" in out["settings"]["layer_index"]
     for layer in out["layers"]:
         is_block = ".relu2" in layer["name"]
         assert (layer["reciprocal_orthogonality"] is None) == is_block, layer["name"]
@@ -173,6 +178,7 @@ def test_lewc_cli_outputs_name_every_setting(trained_pair, cli, tmp_path):
     assert s["norm_fix"] == "none" and s["norm_fix_requested"] == "auto"  # norm none: auto -> none
     assert s["permuted"] is False and s["permutation"]["source"] == "none"
     assert "l = 1" in s["layer_index"]
+    assert s["comparison"] == "raw" and all(row["comparison"] == "raw" for row in data["summary"])  # no norm
     assert {"lewc_prediction", "llfc_prediction", "cos", "rel_err", "alpha_beta", "reciprocal_orthogonality",
             "weak_additivity_error"} <= set(s["definitions"])
     assert [la["index"] for la in data["layers"]] == [1, 2, 3, 4]
@@ -196,6 +202,7 @@ def test_lewc_cli_outputs_name_every_setting(trained_pair, cli, tmp_path):
     wm = json.loads((tmp_path / "wm" / "lewc.json").read_text())
     assert wm["settings"]["permuted"] is True and wm["settings"]["permutation"]["source"] == "file"
     assert wm["settings"]["norm_fix"] == "repair" and wm["settings"]["lambdas"] == [0.25, 0.5, 0.75]
+    assert wm["settings"]["comparison"] == "scale_free" and "REPAIR" in wm["settings"]["comparison_note"]
 
     r = cli("lewc", "--a", a, "--b", b, "--lambda", "0.25", "--lambda", "0.75", "--samples", "40",
             "--set", "batch_size=16", "--out", out)
@@ -203,3 +210,23 @@ def test_lewc_cli_outputs_name_every_setting(trained_pair, cli, tmp_path):
     assert_clean_error(cli("lewc", "--a", a, "--b", b, "--norm-fix", "reset", "--out", tmp_path / "x"), "reset")
     assert_clean_error(cli("lewc", "--a", a, "--b", b, "--norm-fix", "bogus"), "--norm-fix")
     assert_clean_error(cli("lewc", "--a", a, "--b", b, "--lambda", "2", "--out", tmp_path / "y"), "lambdas")
+
+
+def test_scale_free_error_fits_the_scale_and_sees_only_the_mixing():
+    """min_c ‖f − c p‖ / ‖f‖ from the inner products equals a direct least-squares fit; it is 0 for a
+    rescaled exact prediction (where the plain relative error is not), and the same for LEWC and LLFC
+    at λ = ½, where the two predictions are parallel."""
+    from lmcx.analysis.lewc import gram, scale_free_error_from_gram
+
+    gen = torch.Generator().manual_seed(0)
+    f_a, f_b, noise = (torch.randn(30, 7, generator=gen, dtype=torch.float64) for _ in range(3))
+    f = 0.3 * (0.9 * f_a + 0.1 * f_b) + 0.05 * noise  # LEWC-like mixing at a smaller scale
+    g = gram(f, f_a, f_b)
+    pred = 0.9 * f_a + 0.1 * f_b
+    c = float((f * pred).sum() / (pred * pred).sum())
+    direct = float(torch.linalg.vector_norm(f - c * pred) / torch.linalg.vector_norm(f))
+    assert scale_free_error_from_gram(g, 0.9, 0.1) == pytest.approx(direct, rel=1e-10)
+    exact = 0.2 * pred
+    assert scale_free_error_from_gram(gram(exact, f_a, f_b), 0.9, 0.1) < 1e-7 < relative_error(exact, pred)
+    ca, cb = lewc_coefficients(0.5, 3)
+    assert scale_free_error_from_gram(g, ca, cb) == pytest.approx(scale_free_error_from_gram(g, 0.5, 0.5), rel=1e-12)

@@ -51,7 +51,8 @@ def test_wm_cli_keeps_test_accuracy_and_is_reproducible(tmp_path, digits, cli):
     m = json.loads((out / "metrics.json").read_text())
     assert m["method"] == "wm" and m["seed"] == 3 and m["iterations"] == len(m["objective"]) - 1 >= 2
     assert m["l2_after"]["total"] < m["l2_before"]["total"]
-    assert set(m["l2_after"]["per_param"]) == set(load_checkpoint(b).state)
+    assert set(m["l2_after"]["per_param"]) == set(load_checkpoint(b).state)  # an MLP without norm: all are parameters
+    assert m["wm_objective"] == m["settings"]["wm_objective"] == "params" and "trainable" in m["l2_definition"]
     assert m["lap_seconds"] <= m["match_seconds"] <= m["seconds"]
     assert m["outputs"] == [{"source": str(b / "model.safetensors"), "permutation": "permutation.json",
                              "permuted": "permuted.safetensors"}]
@@ -93,7 +94,8 @@ def test_am_and_ste_cli_keep_accuracy(tmp_path, digits, cli, method):
     else:
         s = m["ste"]
         assert s["best_midpoint_train_loss"] <= s["initial_midpoint_train_loss"] < s["naive_midpoint_train_loss"]
-        assert len(s["history"]) == 2 and m["iterations"] == s["steps"] > 0
+        assert s["eval_every"] == 1 and s["checks"] == s["steps"] + 1 and m["iterations"] == s["steps"] > 0
+        assert len(s["history"]) == s["evaluations"] <= s["checks"] and 0 <= s["best_step"] <= s["steps"]
     assert _evaluate(cli, tmp_path / method / "permuted.safetensors")["accuracy"] == _evaluate(cli, b)["accuracy"]
 
 
@@ -229,3 +231,30 @@ def test_library_refuses_am_for_merge_many_and_empty_b(tmp_path):
         match_checkpoints("a", ["b", "c"], MatchConfig(method="ste", many="merge-many"), tmp_path)
     with pytest.raises(LmcxError, match="ste.lr"):
         match_checkpoints("a", ["b"], MatchConfig(ste=SteConfig(lr=0)), tmp_path)
+
+
+def test_bn_match_objective_and_l2_over_parameters(tmp_path, cli):
+    """BN models: L2 to A in metrics.json is over the trainable parameters (as in svd.json), whichever
+    objective weight matching used; `wm_objective: all` is recorded and lets the running statistics count."""
+    from lmcx.match import parameter_names
+
+    runs = []
+    for seed in (0, 1):
+        job = load_config(TrainJob, REPO / "configs" / "digits_mlp.yaml",
+                          [{"train": {"epochs": 2}, "model": {"width": 0.125, "norm": "bn"}, "seed": seed,
+                            "device": "cpu"}])
+        train(job, tmp_path / f"s{seed}")
+        runs.append(tmp_path / f"s{seed}")
+    names = parameter_names(load_checkpoint(runs[0]))
+    assert not any("running" in n for n in names)
+    metrics = {}
+    for objective in ("params", "all"):
+        out = tmp_path / objective
+        assert cli("match", "--a", runs[0], "--b", runs[1], "--set", f"wm_objective={objective}", "--out", out).code == 0
+        metrics[objective] = m = json.loads((out / "metrics.json").read_text())
+        assert m["wm_objective"] == objective and set(m["l2_before"]["per_param"]) == set(names)
+        assert json.loads((out / "permutation.json").read_text())["info"]["wm_objective"] == objective
+        assert load_checkpoint(out / "permuted.safetensors").info["wm_objective"] == objective
+    assert metrics["params"]["l2_before"] == metrics["all"]["l2_before"]
+    # minimising over the parameters alone reaches at least as small a parameter distance
+    assert metrics["params"]["l2_after"]["total"] <= metrics["all"]["l2_after"]["total"] + 1e-9

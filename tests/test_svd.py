@@ -84,6 +84,18 @@ def test_alignment_ignores_the_sign_of_singular_pairs_and_k():
     assert [num_top(s, g) for g in (0.0, 0.3, 0.5, 1.0)] == [5, 3, 2, 1]
 
 
+def test_k_rule_min_keeps_one_k_own_divides_by_the_geometric_mean():
+    """A = diag(3, 2, 1) keeps k_A = 3 singular vectors at γ = 0.3, B = diag(3, 0.5, 0.1) keeps k_B = 1;
+    both share their top singular pair. `min`: k = 1 for both, R = 1. `own`: ⟨U_Aᵀ U_B, V_Aᵀ V_B⟩ = 1 over
+    the 3 × 1 block, divided by √3."""
+    fa, fb = svd_factors(torch.diag(torch.tensor([3.0, 2.0, 1.0]))), svd_factors(torch.diag(torch.tensor([3.0, 0.5, 0.1])))
+    assert alignment_from_factors(fa, fb, 0.3, k_rule="min") == (pytest.approx(1.0), 3, 1)
+    assert alignment_from_factors(fa, fb, 0.3, k_rule="own")[0] == pytest.approx(3 ** -0.5)
+    for rule in ("min", "own"):  # the rules agree when k_A = k_B
+        assert alignment_from_factors(fa, fa, 0.3, k_rule=rule)[0] == pytest.approx(1.0)
+        assert alignment_from_factors(fb, fb, 0.0, k_rule=rule)[0] == pytest.approx(1.0)
+
+
 def test_wm_raises_alignment_of_trained_mlps(trained_pair, cli, tmp_path):
     a, b = trained_pair
     out = tmp_path / "svd"
@@ -103,6 +115,8 @@ def test_wm_raises_alignment_of_trained_mlps(trained_pair, cli, tmp_path):
     # every setting and definition is named
     s = data["settings"]
     assert s["gammas"] == [0.0, 0.3] and s["weighted"] is True and s["wm_max_iter"] == 100
+    assert s["k_rule"] == "min" and "min(k_A, k_B)" in s["definitions"]["k"] and perm["wm_objective"] == "params"
+    assert all(e["k_kept"] == [min(e["k_a"], e["k_b"])] * 2 for la in data["layers"] for e in la["alignment"])
     assert {"R", "R_weighted", "k", "layer_matrix", "l2"} <= set(s["definitions"])
     layer = data["layers"][0]
     assert layer["name"] == "layers.0.linear.weight" and layer["matrix_shape"] == [128, 64]
@@ -110,7 +124,7 @@ def test_wm_raises_alignment_of_trained_mlps(trained_pair, cli, tmp_path):
     with open(out / "svd.csv") as f:
         rows = list(csv.DictReader(f))
     assert [row["layer"] for row in rows] == [la["name"] for la in data["layers"]]
-    assert {"R_naive_g0.3", "R_permuted_g0.3", "Rw_permuted_g0", "l2_relative_reduction"} <= set(rows[0])
+    assert {"R_naive_g0.3", "R_permuted_g0.3", "Rw_permuted_g0", "l2_relative_reduction", "k_kept_a_g0.3"} <= set(rows[0])
     assert (out / "svd_spectra.png").stat().st_size > 0 and (out / "svd_alignment.png").stat().st_size > 0
 
     # the same permutation from a file, and as a permuted checkpoint, gives the same numbers

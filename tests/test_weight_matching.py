@@ -289,3 +289,36 @@ def test_progress_of_the_sweeps_only_when_asked(monkeypatch, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("weight matching: ")]
     assert lines[-1].startswith(f"weight matching: {res.iterations} sweep") and lines[-1].endswith(" done")
     assert any(line.startswith("weight matching: 1 sweep") and "l2 " in line and "moved " in line for line in lines)
+
+
+def test_parameters_only_objective_ignores_batchnorm_statistics():
+    """match.wm_objective: `params` (the default) leaves BN running statistics out of ||θ_A − π(θ_B)||²,
+    so scrambling B's statistics changes nothing; `all` counts them, so the same scramble moves units."""
+    from lmcx.config import ModelConfig
+    from lmcx.models import build_model, permutation_spec
+    from lmcx.permutation import objective_keys
+    from lmcx.permutation.spec import get_permuted_param
+
+    cfg = ModelConfig(arch="mlp", width=1 / 16, norm="bn")
+    torch.manual_seed(0)
+    models = [build_model(cfg, (1, 8, 8), 4) for _ in range(2)]
+    gen = torch.Generator().manual_seed(1)
+
+    def statistics(state):  # trained-looking running statistics: they differ per unit, A's too
+        return {k: (10 * torch.rand(v.shape, generator=gen) if "running" in k else v) for k, v in state.items()}
+
+    a, b = (statistics(m.state_dict()) for m in models)
+    spec = permutation_spec(cfg, (1, 8, 8), 4)
+    params = objective_keys([n for n, _ in models[0].named_parameters()], "params")
+    assert params and not any("running" in k for k in params) and objective_keys(params, "all") is None
+    scrambled = statistics(b)
+
+    only = weight_matching(spec, a, b, keys=params)
+    assert all(torch.equal(only.perm[p], weight_matching(spec, a, scrambled, keys=params).perm[p]) for p in spec.names)
+    # its objective is the inner product over the parameters alone
+    inner = sum(float((a[k].double() * get_permuted_param(spec, only.perm, k, b).double()).sum()) for k in params)
+    assert only.objective[-1] == pytest.approx(inner, rel=1e-9)
+    everything = weight_matching(spec, a, scrambled)
+    assert any(not torch.equal(only.perm[p], everything.perm[p]) for p in spec.names)
+    with pytest.raises(LmcxError, match="objective"):
+        objective_keys(params, "buffers")

@@ -16,6 +16,11 @@ Definitions (each lives in one function below; sums run over samples and feature
 - `relative_error`: `‖f − p‖ / ‖f‖`, Frobenius norms over all samples at once.
   At λ = ½ the two predictions are multiples of each other (cosine similarity cannot separate them),
   the relative error and the fitted coefficients can.
+- `scale_free_error_from_gram`: `min_c ‖f − c p‖ / ‖f‖ = √(1 − ⟨f, p⟩² / (‖f‖² ‖p‖²))`, the relative error once
+  the prediction's overall scale is fitted. Normalised networks (BN reset, LN, REPAIR) re-standardise
+  every layer of θ(λ), so LEWC's shrinkage (1 − λ)^ℓ + λ^ℓ cannot show in ‖f‖ and the plain relative
+  error is biased against LEWC by construction; this error, the cosine and β / (α + β) compare only
+  how A's and B's features are mixed. Equal for both predictions at λ = ½.
 - `fit_alpha_beta`: least squares `(α, β) = argmin ‖f_ℓ(θ(λ)) − α f_ℓ(A) − β f_ℓ(B)‖²` over all samples
   and features, to compare with LEWC's `((1 − λ)^ℓ, λ^ℓ)` and LLFC's `(1 − λ, λ)`. `β / (α + β)` compares
   the mixing irrespective of scale. When f(A) and f(B) are (numerically) collinear, e.g. for exact
@@ -49,8 +54,15 @@ from torch import nn
 from ..errors import LmcxError
 
 LAMBDA_CONVENTION = "theta(lambda) = (1 - lambda) * theta_A + lambda * theta_B; lambda = 0 is A"
-LAYER_INDEX = ("l counted from the input: l = 1 is the first feature point (first hidden layer's post-ReLU "
-               "output; ResNet-20: the stem), l = L the logits; the LEWC exponent is l")
+LAYER_INDEX = ("l counted from the input: l = 1 is the first hidden layer's post-ReLU output, l = L the logits; "
+               "the LEWC exponent is l, the number of weight layers from the input")
+RESIDUAL_LAYER_INDEX = ("l is the feature point index: stem = 1, each basic block +1 (a block holds two convs and a "
+                        "skip connection, so l counts blocks, not weight layers), logits = L; the LEWC exponent is "
+                        "this l, for which [B]'s theory (stated for plain bias-free ReLU nets) gives no guarantee: "
+                        "read the fitted alpha, beta and beta_share rather than the LEWC prediction")
+SCALE_FREE_NOTE = ("the network normalises every layer of theta(lambda) ({why}), so LEWC's shrinkage (1 - lambda)^l "
+                   "+ lambda^l cannot appear in the features' size: compare cos, rel_err_*_scale_free and "
+                   "beta_share (scale-free), not rel_err")
 COLLINEAR_TOLERANCE = 1e-9  # 1 − corr(f_A, f_B)² below this: α and β not identifiable
 
 DEFINITIONS = {
@@ -62,6 +74,8 @@ DEFINITIONS = {
     "alpha_beta": "least squares f_l(theta(lambda)) ~ alpha f_l(A) + beta f_l(B) over all samples and features; "
                   "null when f_l(A), f_l(B) are collinear (then alpha_plus_beta = kappa of f ~ kappa (f_A + f_B) / 2)",
     "beta_share": "beta / (alpha + beta); LEWC predicts lambda^l / ((1 - lambda)^l + lambda^l), LLFC lambda",
+    "rel_err_scale_free": "min_c ||f - c pred|| / ||f|| = sqrt(1 - <f, pred>^2 / (||f||^2 ||pred||^2)): the error "
+                          "once the prediction's overall scale is fitted",
     "fit_rel_residual": "||f - alpha f_A - beta f_B|| / ||f||",
     "reciprocal_orthogonality": "b_on_a = ||W_l^B z^A_{l-1}|| / ||W_l^A z^A_{l-1}||, a_on_b = ||W_l^A z^B_{l-1}|| / "
                                 "||W_l^B z^B_{l-1}||, z_{l-1} the input of the layer's weight, W without bias; "
@@ -169,6 +183,16 @@ def alpha_beta_from_gram(g: torch.Tensor) -> AlphaBeta:
     beta = (aa * bm - ab * am) / det
     resid = mm - 2 * (alpha * am + beta * bm) + alpha * alpha * aa + 2 * alpha * beta * ab + beta * beta * bb
     return AlphaBeta(alpha, beta, alpha + beta, True, sqrt_ratio(resid, mm))
+
+
+def scale_free_error_from_gram(g: torch.Tensor, ca: float, cb: float) -> float:
+    """`min_c ‖f − c (ca f_A + cb f_B)‖ / ‖f‖` from the inner products of `gram`."""
+    aa, ab, bb, am, bm, mm = (float(v) for v in g)
+    fp = ca * am + cb * bm
+    pp = ca * ca * aa + 2 * ca * cb * ab + cb * cb * bb
+    if mm <= 0 or pp <= 0:
+        return float("nan")
+    return math.sqrt(max(0.0, 1.0 - fp * fp / (mm * pp)))
 
 
 def fit_alpha_beta(f: torch.Tensor, f_a: torch.Tensor, f_b: torch.Tensor) -> AlphaBeta:

@@ -17,10 +17,11 @@ from torch import nn
 from .. import progress
 from ..config import LewcConfig, to_dict
 from ..errors import LmcxError
-from .lewc import (DEFINITIONS, LAMBDA_CONVENTION, LAYER_INDEX, alpha_beta_from_gram, cosine_similarity,
-                   flatten_samples, gram, lewc_coefficients, lewc_prediction, llfc_coefficients,
-                   llfc_prediction, plain_weight_module, reciprocal_orthogonality_parts,
-                   relative_error_parts, sqrt_ratio, weak_additivity_parts)
+from .lewc import (DEFINITIONS, LAMBDA_CONVENTION, LAYER_INDEX, RESIDUAL_LAYER_INDEX, SCALE_FREE_NOTE,
+                   alpha_beta_from_gram, cosine_similarity, flatten_samples, gram, lewc_coefficients,
+                   lewc_prediction, llfc_coefficients, llfc_prediction, plain_weight_module,
+                   reciprocal_orthogonality_parts, relative_error_parts, scale_free_error_from_gram, sqrt_ratio,
+                   weak_additivity_parts)
 
 
 @dataclass
@@ -178,6 +179,8 @@ def lewc_analysis(model_a: nn.Module, model_b: nn.Module, ds, x: torch.Tensor, l
                 "lambda": lam,
                 "cos_lewc": st.cos_lewc / st.count, "cos_llfc": st.cos_llfc / st.count,
                 "rel_err_lewc": st.err_lewc.value, "rel_err_llfc": st.err_llfc.value,
+                "rel_err_lewc_scale_free": scale_free_error_from_gram(st.gram, lewc_a, lewc_b),
+                "rel_err_llfc_scale_free": scale_free_error_from_gram(st.gram, llfc_a, llfc_b),
                 "alpha": fit.alpha, "beta": fit.beta, "alpha_plus_beta": fit.alpha_plus_beta,
                 "beta_share": fit.beta_share, "fit_identifiable": fit.identifiable,
                 "fit_rel_residual": fit.rel_residual,
@@ -198,19 +201,29 @@ def lewc_analysis(model_a: nn.Module, model_b: nn.Module, ds, x: torch.Tensor, l
     return out
 
 
-def summary(layers: list[dict[str, Any]], lambdas: list[float]) -> list[dict[str, Any]]:
-    """Per λ: means over layers, and at how many layers LEWC's relative error beats LLFC's."""
+def summary(layers: list[dict[str, Any]], lambdas: list[float], comparison: str = "raw") -> list[dict[str, Any]]:
+    """Per λ: means over layers, and at how many layers LEWC's error beats LLFC's: the plain relative
+    error (`comparison` raw) or, for normalised networks, the scale-free one (`scale_free`)."""
+    suffix = "_scale_free" if comparison == "scale_free" else ""
     rows = []
     for j, lam in enumerate(lambdas):
         entries = [layer["lambdas"][j] for layer in layers]
 
-        def mean(key):
-            values = [e[key] for e in entries if e[key] is not None and math.isfinite(e[key])]
+        def mean(values):
+            values = [v for v in values if v is not None and math.isfinite(v)]
             return sum(values) / len(values) if values else None
 
-        rows.append({"lambda": lam, "mean_cos_lewc": mean("cos_lewc"), "mean_cos_llfc": mean("cos_llfc"),
-                     "mean_rel_err_lewc": mean("rel_err_lewc"), "mean_rel_err_llfc": mean("rel_err_llfc"),
-                     "layers_lewc_closer": sum(e["rel_err_lewc"] < e["rel_err_llfc"] for e in entries),
+        def share_error(model: str):
+            return mean([None if e["beta_share"] is None else abs(e["beta_share"] - e[f"{model}_beta_share"])
+                         for e in entries])
+
+        rows.append({"lambda": lam, "comparison": comparison,
+                     "mean_cos_lewc": mean([e["cos_lewc"] for e in entries]),
+                     "mean_cos_llfc": mean([e["cos_llfc"] for e in entries]),
+                     **{f"mean_rel_err_{m}{sf}": mean([e[f"rel_err_{m}{sf}"] for e in entries])
+                        for sf in ("", "_scale_free") for m in ("lewc", "llfc")},
+                     "mean_beta_share_err_lewc": share_error("lewc"), "mean_beta_share_err_llfc": share_error("llfc"),
+                     "layers_lewc_closer": sum(e[f"rel_err_lewc{suffix}"] < e[f"rel_err_llfc{suffix}"] for e in entries),
                      "layers": len(entries)})
     return rows
 
@@ -231,6 +244,17 @@ def csv_rows(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 LEWC_OUTPUTS = ["lewc.json", "lewc.csv", "lewc_cosine.png", "lewc_coefficients.png"]
+
+
+def scale_of(model, norm_fix: str) -> tuple[str, str]:
+    """("scale_free", why) when every layer of θ(λ) is re-normalised, so LEWC's shrinkage cannot show;
+    else ("raw", ...)."""
+    # BN with interpolated statistics (norm fix none) is a fixed affine map: it does not re-standardise
+    why = [w for w, on in (("BatchNorm with statistics reset", model.norm == "bn" and norm_fix == "reset"),
+                           ("LayerNorm", model.norm == "ln"), ("REPAIR", norm_fix == "repair")) if on]
+    if why:
+        return "scale_free", SCALE_FREE_NOTE.format(why=", ".join(why))
+    return "raw", "no normalisation: the features' size is free, so rel_err compares LEWC and LLFC in full"
 
 
 def lewc_checkpoints(a_path, b_path, cfg: LewcConfig, out_dir, perm_path=None, b_permuted_path=None,
@@ -271,14 +295,18 @@ def lewc_checkpoints(a_path, b_path, cfg: LewcConfig, out_dir, perm_path=None, b
                            batch_size=cfg.batch_size, norm_fix_batches=cfg.norm_fix_batches,
                            norm_fix_batch_size=cfg.norm_fix_batch_size)
 
+    comparison, comparison_note = scale_of(ckpt_a.model, resolved_fix)
+    layer_index = RESIDUAL_LAYER_INDEX if ckpt_a.model.arch == "resnet20" else LAYER_INDEX
     write_csv(out_dir / "lewc.csv", csv_rows(layers))
     plot_lewc_cosine(layers, out_dir / "lewc_cosine.png")
-    plot_lewc_coefficients(layers, out_dir / "lewc_coefficients.png")
+    plot_lewc_coefficients(layers, out_dir / "lewc_coefficients.png",
+                           note="ℓ: stem = 1, each residual block +1" if ckpt_a.model.arch == "resnet20" else "")
     data = {
         "format": "lmcx-lewc",
         "settings": {
             "lambda_convention": LAMBDA_CONVENTION,
-            "layer_index": LAYER_INDEX,
+            "layer_index": layer_index,
+            "comparison": comparison, "comparison_note": comparison_note,
             "a": str(ckpt_a.path), "b": str(ckpt_b.path),
             "permuted": state_bp is not None, "permutation": permutation,
             "lambdas": lambdas,
@@ -290,7 +318,7 @@ def lewc_checkpoints(a_path, b_path, cfg: LewcConfig, out_dir, perm_path=None, b
             "definitions": DEFINITIONS,
         },
         "models": model_summary(ckpt_a),
-        "summary": summary(layers, lambdas),
+        "summary": summary(layers, lambdas, comparison),
         "layers": layers,
         "seconds": time.perf_counter() - started,
     }

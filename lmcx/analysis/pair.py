@@ -15,7 +15,8 @@ def check_permutation_source(perm_path, b_permuted_path) -> None:
 
 
 def permuted_b(ckpt_a, ckpt_b, perm_path=None, b_permuted_path=None, *, wm_seed: int = 0, wm_max_iter: int = 100,
-               on_the_fly: bool = True, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+               wm_objective: str = "params", on_the_fly: bool = True, device: str | torch.device = "cpu"
+               ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
     """π(B)'s state dict and a description of where π came from.
 
     `perm_path`: a permutation file (lmcx match) applied to B. `b_permuted_path`: an already permuted
@@ -38,16 +39,18 @@ def permuted_b(ckpt_a, ckpt_b, perm_path=None, b_permuted_path=None, *, wm_seed:
                                     "note": "already permuted checkpoint of B"}
     if not on_the_fly:
         return None, {"source": "none", "note": "no permutation: B as trained (naive)"}
-    from ..permutation.weight_matching import weight_matching
+    from ..match import parameter_names
+    from ..permutation.weight_matching import objective_keys, weight_matching
 
     spec = permutation_spec(ckpt_b.model, ckpt_b.in_shape, ckpt_b.num_classes)
     device = torch.device(device)
     state_a = {k: v.to(device) for k, v in ckpt_a.state.items()}
     state_b = {k: v.to(device) for k, v in ckpt_b.state.items()}
-    result = weight_matching(spec, state_a, state_b, max_iter=wm_max_iter, seed=wm_seed)
+    result = weight_matching(spec, state_a, state_b, max_iter=wm_max_iter, seed=wm_seed,
+                             keys=objective_keys(parameter_names(ckpt_a), wm_objective))
     return apply_permutation(spec, result.perm, ckpt_b.state), {
-        "source": "weight_matching", "seed": wm_seed, "max_iter": wm_max_iter, "iterations": result.iterations,
-        "converged": result.converged,
+        "source": "weight_matching", "seed": wm_seed, "max_iter": wm_max_iter, "wm_objective": wm_objective,
+        "iterations": result.iterations, "converged": result.converged,
         "note": "no --perm or --b-permuted given: weight matching of B to A computed here"}
 
 

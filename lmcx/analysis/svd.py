@@ -11,9 +11,10 @@ Definitions (each lives in one function below):
 - `max_relative_sv_difference(s, t)`: `max_i |s_i − t_i| / max(s_i, 1e-10·s_1)` — how far apart two
   spectra are (B against π(B): float precision, ~1e-15 in float64).
 - `num_top(s, γ)`: `k = #{i : s_i / s_1 ≥ γ}`; γ = 0 keeps all `min(out, in·k·k)` singular vectors.
-- `alignment_R(W_A, W_B', γ)`: `R(γ) = ⟨U_Aᵀ U_B', V_Aᵀ V_B'⟩_F / k`, with the top-`k_A` singular
-  vectors of A and top-`k_B` of B' (each k from its own spectrum) and `k = √(k_A·k_B)` (equal to
-  k_A = k_B when the two layers keep the same number). Equivalently
+- `alignment_R(W_A, W_B', γ, k_rule)`: `R(γ) = ⟨U_Aᵀ U_B', V_Aᵀ V_B'⟩_F / k` over top singular
+  vectors, k_A and k_B counted on each layer's own spectrum. `k_rule = "min"` (default, [A]'s single
+  k): both keep the top `k = min(k_A, k_B)`. `k_rule = "own"`: A keeps k_A, B' keeps k_B and
+  `k = √(k_A·k_B)`. The two agree when k_A = k_B. Either way
   `R = ⟨U_A V_Aᵀ, U_B' V_B'ᵀ⟩_F / (‖U_A V_Aᵀ‖_F ‖U_B' V_B'ᵀ‖_F)`: the cosine similarity of the
   truncated polar factors, so |R| ≤ 1, R = 1 for identical layers, R ≈ 0 for unrelated ones (about
   1/√k for random ones), and R is invariant to the joint sign flip (u_i, v_i) → (−u_i, −v_i) that
@@ -41,7 +42,7 @@ import torch
 from .. import progress
 from ..config import SvdConfig, to_dict
 from ..errors import LmcxError
-from ..permutation.weight_matching import l2_distance
+from ..permutation.weight_matching import L2_DEFINITION, l2_distance
 from .pair import model_summary, permuted_b
 
 StateDict = Mapping[str, torch.Tensor]
@@ -52,13 +53,15 @@ DEFINITIONS = {
     "layer_matrix": "every floating weight with ndim >= 2 that the permutation spec permutes on some axis; convolutions "
                     "[out, in, kh, kw] reshaped to out x (in*kh*kw); SVD in float64",
     "max_rel_sv_diff": "max_i |s_i(B) - s_i(pi(B))| / max(s_i(B), 1e-10 * s_1(B))",
-    "k": "k = number of singular values with s_i / s_1 >= gamma, from each layer's own spectrum (gamma = 0: all)",
-    "R": "R(gamma) = <U_A^T U_B', V_A^T V_B'>_F / sqrt(k_A * k_B), top-k singular vectors of each; "
+    "k": "k_A, k_B = number of singular values with s_i / s_1 >= gamma, each from its own spectrum (gamma = 0: "
+         "all); k_rule min: both layers keep the top k = min(k_A, k_B); k_rule own: each keeps its own and "
+         "k = sqrt(k_A * k_B)",
+    "R": "R(gamma) = <U_A^T U_B', V_A^T V_B'>_F / k over the kept singular vectors (see k) "
          "= cosine similarity of the truncated polar factors U V^T; B' = B (naive) or pi(B) (permuted)",
     "R_weighted": "R_w(gamma) = <U_A S~_A V_A^T, U_B' S~_B' V_B'^T>_F / (||S~_A||_F ||S~_B'||_F), "
                   "S~ = diag(s_i / s_1) over the same top-k: cosine similarity of the rank-k truncations",
-    "l2": "||theta_A - theta_B||; 'layers' = over the layer weights analysed, 'parameters' = over every "
-          "trainable parameter (biases and norm affines included, running statistics excluded)",
+    "l2": "||theta_A - theta_B||; 'layers' = over the layer weights analysed, 'parameters' = " + L2_DEFINITION
+          + " (the L2 match metrics report)",
     "l2_relative_reduction": "(||A - B|| - ||A - pi(B)||) / ||A - B||",
 }
 
@@ -128,12 +131,24 @@ def num_top(s: torch.Tensor, gamma: float) -> int:
     return int((s / s[0] >= gamma).sum())
 
 
-def alignment_from_factors(fa: Factors, fb: Factors, gamma: float, weighted: bool = False
+K_RULES = ("min", "own")
+
+
+def kept(ka: int, kb: int, k_rule: str) -> tuple[int, int]:
+    """How many singular vectors of A and of B' R(γ) keeps under `k_rule`."""
+    if k_rule not in K_RULES:
+        raise LmcxError(f"svd.k_rule: {k_rule!r} is not one of {', '.join(K_RULES)}")
+    return (min(ka, kb),) * 2 if k_rule == "min" else (ka, kb)
+
+
+def alignment_from_factors(fa: Factors, fb: Factors, gamma: float, weighted: bool = False, k_rule: str = "min"
                            ) -> tuple[float, int, int]:
-    """(R(γ), k_A, k_B) from precomputed SVDs; see the module docstring for the definition."""
-    ka, kb = num_top(fa.s, gamma), num_top(fb.s, gamma)
+    """(R(γ), k_A, k_B) from precomputed SVDs (k_A, k_B: each layer's own count, before `k_rule`);
+    see the module docstring for the definition."""
+    own_a, own_b = num_top(fa.s, gamma), num_top(fb.s, gamma)
+    ka, kb = kept(own_a, own_b, k_rule)
     if ka == 0 or kb == 0:
-        return float("nan"), ka, kb
+        return float("nan"), own_a, own_b
     ua, va = fa.u[:, :ka], fa.v[:, :ka]
     ub, vb = fb.u[:, :kb], fb.v[:, :kb]
     if weighted:
@@ -144,14 +159,15 @@ def alignment_from_factors(fa: Factors, fb: Factors, gamma: float, weighted: boo
     else:
         norm = torch.tensor(math.sqrt(ka * kb), dtype=torch.float64)
     inner = ((ua.mT @ ub) * (va.mT @ vb)).sum()  # ⟨U_Aᵀ U_B', V_Aᵀ V_B'⟩_F
-    return float(inner / norm), ka, kb
+    return float(inner / norm), own_a, own_b
 
 
-def alignment_R(w_a: torch.Tensor, w_b: torch.Tensor, gamma: float, weighted: bool = False) -> float:
+def alignment_R(w_a: torch.Tensor, w_b: torch.Tensor, gamma: float, weighted: bool = False,
+                k_rule: str = "min") -> float:
     """Alignment `R(γ)` of two layer weights of one shape (module docstring); `weighted` gives `R_w(γ)`."""
     if w_a.shape != w_b.shape:
         raise ValueError(f"layers of different shapes: {tuple(w_a.shape)} and {tuple(w_b.shape)}")
-    return alignment_from_factors(svd_factors(w_a), svd_factors(w_b), gamma, weighted)[0]
+    return alignment_from_factors(svd_factors(w_a), svd_factors(w_b), gamma, weighted, k_rule)[0]
 
 
 def relative_reduction(before: float, after: float) -> float:
@@ -165,7 +181,8 @@ def relative_reduction(before: float, after: float) -> float:
 
 def svd_analysis(params_a: StateDict, params_b: StateDict, params_b_perm: StateDict, gammas: list[float],
                  weighted: bool = False, param_keys: list[str] | None = None,
-                 device: str | torch.device = "cpu", layers: list[str] | None = None) -> dict[str, Any]:
+                 device: str | torch.device = "cpu", layers: list[str] | None = None,
+                 k_rule: str = "min") -> dict[str, Any]:
     """Per-layer SVD analysis of A against B (naive) and π(B) (permuted).
 
     `param_keys`: the trainable parameters for the total L2 distance over 'parameters' (default: every
@@ -197,12 +214,13 @@ def svd_analysis(params_a: StateDict, params_b: StateDict, params_b_perm: StateD
         fa, fb, fp = (svd_factors(p[k], device) for p in (cpu, cpu_b, cpu_bp))
         align = []
         for g in gammas:
-            r_naive, ka, kb = alignment_from_factors(fa, fb, g)
-            r_perm, _, kp = alignment_from_factors(fa, fp, g)
-            entry = {"gamma": g, "naive": r_naive, "permuted": r_perm, "k_a": ka, "k_b": kb, "k_b_permuted": kp}
+            r_naive, ka, kb = alignment_from_factors(fa, fb, g, k_rule=k_rule)
+            r_perm, _, kp = alignment_from_factors(fa, fp, g, k_rule=k_rule)
+            entry = {"gamma": g, "naive": r_naive, "permuted": r_perm, "k_a": ka, "k_b": kb, "k_b_permuted": kp,
+                     "k_kept": list(kept(ka, kb, k_rule))}
             if weighted:
-                entry["naive_weighted"] = alignment_from_factors(fa, fb, g, weighted=True)[0]
-                entry["permuted_weighted"] = alignment_from_factors(fa, fp, g, weighted=True)[0]
+                entry["naive_weighted"] = alignment_from_factors(fa, fb, g, True, k_rule)[0]
+                entry["permuted_weighted"] = alignment_from_factors(fa, fp, g, True, k_rule)[0]
             align.append(entry)
         rows.append({
             "name": k,
@@ -248,7 +266,8 @@ def csv_rows(result: dict[str, Any], weighted: bool = False) -> list[dict[str, A
         for a in r["alignment"]:
             g = f"{a['gamma']:g}"
             row.update({f"R_naive_g{g}": a["naive"], f"R_permuted_g{g}": a["permuted"],
-                        f"k_a_g{g}": a["k_a"], f"k_b_g{g}": a["k_b"]})
+                        f"k_a_g{g}": a["k_a"], f"k_b_g{g}": a["k_b"],
+                        f"k_kept_a_g{g}": a["k_kept"][0], f"k_kept_b_g{g}": a["k_kept"][1]})
             if weighted:
                 row.update({f"Rw_naive_g{g}": a["naive_weighted"], f"Rw_permuted_g{g}": a["permuted_weighted"]})
         out.append(row)
@@ -283,6 +302,7 @@ def analyze_svd_checkpoints(a_path, b_path, cfg: SvdConfig, out_dir, perm_path=N
     check_compatible(ckpt_a, ckpt_b)
     state_bp, permutation = permuted_b(ckpt_a, ckpt_b, perm_path, b_permuted_path,
                                        wm_seed=cfg.wm_seed, wm_max_iter=cfg.wm_max_iter,
+                                       wm_objective=cfg.wm_objective,
                                        device=dev)
     model = build_model(ckpt_a.model, ckpt_a.in_shape, ckpt_a.num_classes)
     param_keys = [n for n, _ in model.named_parameters()]
@@ -291,11 +311,12 @@ def analyze_svd_checkpoints(a_path, b_path, cfg: SvdConfig, out_dir, perm_path=N
     state_a = {k: ckpt_a.state[k] for k in order + [k for k in ckpt_a.state if k not in set(order)]}
     spec = permutation_spec(ckpt_a.model, ckpt_a.in_shape, ckpt_a.num_classes)
     layers = spec_layers(spec, state_a, ckpt_a.model.arch)
-    result = svd_analysis(state_a, ckpt_b.state, state_bp, list(cfg.gammas), cfg.weighted, param_keys, dev, layers)
+    result = svd_analysis(state_a, ckpt_b.state, state_bp, list(cfg.gammas), cfg.weighted, param_keys, dev, layers,
+                          cfg.k_rule)
 
     write_csv(out_dir / "svd.csv", csv_rows(result, cfg.weighted))
     plot_svd_spectra(result["layers"], out_dir / "svd_spectra.png")
-    plot_svd_alignment(result["layers"], out_dir / "svd_alignment.png", weighted=cfg.weighted)
+    plot_svd_alignment(result["layers"], out_dir / "svd_alignment.png", weighted=cfg.weighted, k_rule=cfg.k_rule)
     data = {
         "format": "lmcx-svd",
         "settings": {

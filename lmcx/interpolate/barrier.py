@@ -55,7 +55,7 @@ def loss_gaps(lambdas: Sequence[float], loss: Sequence[float]) -> np.ndarray:
 def summarize(curves: Curves, temperatures: dict[str, list[float]] | None = None
               ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, dict]]:
     """(rows of curve.csv, per-label-and-split barriers, per-label series for the plot)."""
-    from ..calibrate import calibrated_nll
+    from ..calibrate import calibrated_nll, calibration_check
 
     rows: list[dict[str, Any]] = []
     results: dict[str, Any] = {}
@@ -90,6 +90,10 @@ def summarize(curves: Curves, temperatures: dict[str, list[float]] | None = None
             results[label][split] = entry
         if temperatures is not None:
             results[label]["temperatures"] = list(temperatures[label])
+            if "test" in results[label]:
+                raw, cal = results[label]["test"]["raw"], results[label]["test"]["calibrated"]
+                results[label]["calibration_check"] = calibration_check(
+                    len(curves.targets["calib"]), (raw["loss_a"], raw["loss_b"]), (cal["loss_a"], cal["loss_b"]))
     return rows, results, series
 
 

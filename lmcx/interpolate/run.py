@@ -21,7 +21,9 @@ barrier.json:
     accuracy_a, accuracy_b, midpoint_loss, midpoint_accuracy, midpoint_loss_barrier,
     midpoint_accuracy_barrier (accuracies as fractions; calibration leaves accuracies unchanged), and in
     `calibrated` also loss_barrier_at_most_raw_everywhere (calibrated gap <= raw gap at every λ);
-  results[label]["temperatures"] = T per λ once calibrated.
+  results[label]["temperatures"] = T per λ once calibrated, and results[label]["calibration_check"] =
+  {reliable, reasons, calib_size, rule} (calibrate.calibration_check: small split, or an endpoint whose
+  calibrated test loss is above its raw loss).
 """
 from __future__ import annotations
 
@@ -57,9 +59,9 @@ def fit_temperatures(curves: Curves, split: str = "calib") -> dict[str, list[flo
 def _title(settings: dict[str, Any]) -> str:
     ck = settings.get("checkpoints", {})
     a = Path(ck.get("a", "A")).parent.name or "A"
-    bs = {Path(b.get("path", "B")).parent.name for b in ck.get("b", [])}
-    return (f"A = {a}, B = {', '.join(sorted(bs)) or 'B'}   (norm fix: {settings.get('norm_fix')}, "
-            f"λ = 0 is A)")
+    # B's in the legend's order, each named by its label
+    bs = [f"{b.get('label', 'B')} = {Path(b.get('path', 'B')).parent.name}" for b in ck.get("b", [])]
+    return f"A = {a}; B: {', '.join(bs) or 'B'}   (norm fix: {settings.get('norm_fix')}, λ = 0 is A)"
 
 
 def write_outputs(out_dir: Path, curves: Curves, settings: dict[str, Any],

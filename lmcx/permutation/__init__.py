@@ -31,7 +31,7 @@ from .spec import (
 from .check import Coverage, check_spec, spec_coverage
 from .ste import SteResult, straight_through_estimator
 from .trace import trace_spec
-from .weight_matching import WeightMatchingResult, l2_distance, matchable_params, weight_matching
+from .weight_matching import WeightMatchingResult, l2_distance, matchable_params, objective_keys, weight_matching
 
 __all__ = [
     "Permutation",
@@ -52,6 +52,7 @@ __all__ = [
     "weight_matching",
     "l2_distance",
     "matchable_params",
+    "objective_keys",
     "MergeManyResult",
     "merge_many",
     "match_to_anchor",

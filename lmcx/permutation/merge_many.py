@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 
@@ -49,6 +49,7 @@ def merge_many(
     *,
     max_iter: int = 100,
     seed: int = 0,
+    keys: Collection[str] | None = None,
 ) -> MergeManyResult:
     """MergeMany: align `models` to each other by weight matching each one to the mean of the others.
 
@@ -60,6 +61,7 @@ def merge_many(
     Every model is matched, model 0 included. Since applying one common permutation to all models
     changes none of their mutual distances, the result is then expressed relative to model 0: the
     returned `perms[0]` is the identity, and `perms[i]` aligns model i to model 0's unit order.
+    `keys`: the tensors each weight matching's objective sums over (`weight_matching`).
     """
     t_start = time.perf_counter()
     m = len(models)
@@ -84,7 +86,8 @@ def merge_many(
             for k in float_keys:
                 mean[k] = torch.stack([permuted[j][k].to(permuted[i][k].device) for j in others]).mean(0)
             wm_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-            result = weight_matching(spec, mean, models[i], max_iter=max_iter, seed=wm_seed, init_perm=perms[i])
+            result = weight_matching(spec, mean, models[i], max_iter=max_iter, seed=wm_seed, init_perm=perms[i],
+                                     keys=keys)
             if not _same(result.perm, perms[i]):
                 changed = True
                 perms[i] = result.perm

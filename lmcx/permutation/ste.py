@@ -12,14 +12,18 @@ Learns parameters θ, initialised at θ_A. Every optimisation step:
 
 BatchNorm: the midpoint network runs in train mode, so BN normalises with the batch statistics (as in
 Git Re-Basin); running statistics are neither used nor kept. θ covers the trainable parameters only;
-buffers (BN running statistics) are A's for the projection and ½(A + π(B)) for the midpoint.
+buffers (BN running statistics) are ½(A + π(B)) for the midpoint, and enter the projection (as A's)
+only with `wm_objective="all"`.
 
-Model selection: at the start (the WM projection of θ_A) and then after every epoch (or every
-`cfg.eval_every` steps), θ is projected and that permutation's merge `½(θ_A + π(θ_B))` is evaluated
-on a fixed training subset (the first `cfg.eval_samples` training images, batches of
-`cfg.batch_size`, BN with batch statistics). The permutation with the lowest such midpoint loss is
-returned (the earliest on ties); since the first candidate is the WM projection of θ_A, the result is
-never worse on that subset than weight matching started from the identity.
+Model selection: at the start (the WM projection of θ_A) and then every `cfg.eval_every` steps
+(default 1: every step, as Git Re-Basin does; 0: once per epoch) and at the end of every epoch, the
+candidate is θ's projection, the permutation the next step uses anyway (no extra weight matching).
+Its merge `½(θ_A + π(θ_B))` is scored on a fixed training subset (the first `cfg.eval_samples`
+training images, batches of `cfg.batch_size`, BN with batch statistics). Scores are cached by the
+permutation: the projection changes only now and then, so most checks cost nothing. The permutation
+with the lowest such midpoint loss is returned (the earliest on ties); since the first candidate is
+the WM projection of θ_A, the result is never worse on that subset than weight matching started from
+the identity.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from torch.func import functional_call
 
 from ..errors import LmcxError
 from .spec import PermutationSpec, get_permuted_param, identity_permutation
-from .weight_matching import weight_matching
+from .weight_matching import objective_keys, weight_matching
 
 __all__ = ["SteResult", "straight_through_estimator", "midpoint_loss"]
 
@@ -46,10 +50,12 @@ class SteResult:
     """`perm`: the best permutation of B found (CPU int64). `best_loss`: its midpoint training loss on
     the evaluation subset; `best_step`: the optimisation step after which it was found (0 = the WM
     projection of θ_A, before any step). `initial_loss` is that step-0 loss and `naive_loss` the
-    midpoint loss with no permutation, on the same subset. `history` has one row per evaluation:
-    step, epoch, train_loss (mean straight-through midpoint loss over the steps since the previous
-    evaluation; None at step 0), eval_loss, best (so far), changed_units (units whose assignment
-    differs from the previous evaluated permutation), seconds."""
+    midpoint loss with no permutation, on the same subset. `checks` counts candidate checks (every
+    `eval_every` steps and at each epoch's end), `evaluations` the distinct permutations among them,
+    each scored once. `history` has one row per evaluation: step, epoch, train_loss (mean
+    straight-through midpoint loss over the steps since the previous row; None at step 0), eval_loss,
+    best (so far), changed_units (units whose assignment differs from the previous row's permutation),
+    seconds."""
 
     perm: dict[str, torch.Tensor]
     best_loss: float
@@ -59,6 +65,9 @@ class SteResult:
     history: list[dict[str, Any]]
     steps: int
     eval_samples: int
+    eval_every: int = 1
+    checks: int = 0
+    evaluations: int = 0
     wm_calls: int = 0
     wm_sweeps: int = 0
     wm_seconds: float = 0.0
@@ -98,16 +107,18 @@ def straight_through_estimator(
     seed: int = 0,
     max_iter: int = 100,
     progress: bool = True,
+    wm_objective: str = "params",
 ) -> SteResult:
     """STE matching of model B to model A (see the module docstring). `cfg` is a `SteConfig` (epochs,
     lr, batch_size, eval_samples, eval_every); `seed` fixes the batch order and the weight-matching
-    sweep orders; `max_iter` bounds the sweeps of each projection. Both models must be on one device."""
+    sweep orders; `max_iter` bounds the sweeps of each projection, whose objective is `wm_objective`
+    (weight_matching.objective_keys). Both models must be on one device."""
     from ..console import progress_bar
     from ..data import epoch_generator, train_batches
 
     t_start = time.perf_counter()
     eval_samples = int(getattr(cfg, "eval_samples", 5000))
-    eval_every = int(getattr(cfg, "eval_every", 0))
+    eval_every = int(getattr(cfg, "eval_every", 1))
     if cfg.epochs <= 0 or cfg.lr <= 0 or cfg.batch_size <= 0 or eval_samples <= 0 or eval_every < 0:
         raise LmcxError("ste: epochs, lr, batch_size and eval_samples must be > 0 and eval_every >= 0")
     n_train = len(ds.y_train)
@@ -127,6 +138,7 @@ def straight_through_estimator(
     x_eval, y_eval = ds.x_train[:eval_samples], ds.y_train[:eval_samples]
     eval_batch = min(cfg.batch_size, len(y_eval))
 
+    wm_keys = objective_keys(params_a, wm_objective)
     wm = {"calls": 0, "sweeps": 0, "seconds": 0.0, "lap": 0.0}
     perm: dict[str, torch.Tensor] = {k: v.to(device) for k, v in identity_permutation(spec, state_b).items()}
     projected_at = -1  # optimisation step whose θ `perm` is the projection of
@@ -137,7 +149,7 @@ def straight_through_estimator(
             return
         current = {**{k: v.detach() for k, v in theta.items()}, **buffers_a}
         warm = perm if projected_at >= 0 else None  # the first projection: weight matching's own start
-        r = weight_matching(spec, current, state_b, max_iter=max_iter, seed=seed, init_perm=warm)
+        r = weight_matching(spec, current, state_b, max_iter=max_iter, seed=seed, init_perm=warm, keys=wm_keys)
         wm["calls"] += 1
         wm["sweeps"] += r.iterations
         wm["seconds"] += r.seconds
@@ -156,10 +168,17 @@ def straight_through_estimator(
     best: dict[str, Any] = {}
     last_eval: dict[str, torch.Tensor] | None = None
     running = {"sum": 0.0, "n": 0}
+    scored: set[bytes] = set()  # permutations already scored: a repeat cannot beat the best, skip it
+    checks = 0
 
     def evaluate(step: int, epoch: int) -> None:
-        nonlocal last_eval
+        nonlocal last_eval, checks
         project(step)
+        checks += 1
+        key = b"".join(perm[p].cpu().numpy().tobytes() for p in spec.names)
+        if key in scored:
+            return
+        scored.add(key)
         loss = eval_merge(perm)
         if not math.isfinite(loss):
             raise LmcxError(f"ste: the midpoint loss became {loss} at step {step}; lower match.ste.lr")
@@ -207,5 +226,5 @@ def straight_through_estimator(
     return SteResult(
         perm={k: v.cpu() for k, v in best["perm"].items()}, best_loss=best["loss"], best_step=best["step"],
         initial_loss=initial_loss, naive_loss=naive_loss, history=history, steps=step,
-        eval_samples=len(y_eval), wm_calls=wm["calls"], wm_sweeps=wm["sweeps"], wm_seconds=wm["seconds"],
+        eval_samples=len(y_eval), eval_every=eval_every, checks=checks, evaluations=len(history), wm_calls=wm["calls"], wm_sweeps=wm["sweeps"], wm_seconds=wm["seconds"],
         lap_seconds=wm["lap"], seconds=time.perf_counter() - t_start)

@@ -25,8 +25,10 @@ The search:
      of itself (TOL by default; 0: only the first), or after `max_iter` sweeps.
 
 What counts: only parameters named in `spec.axes_to_perm` (anything else in the state dicts is
-ignored) and only floating tensors among them (integer buffers are skipped). BatchNorm running
-statistics are in the spec, so they count, as in Git Re-Basin.
+ignored) and only floating tensors among them (integer buffers are skipped); with `keys`, only those
+names. BatchNorm running statistics are in the spec (a permutation must move them), so without `keys`
+they count too; callers pass the trainable parameters' names for the parameters-only objective of Git
+Re-Basin, PLeaS and rebasin (`objective_keys`, `match.wm_objective`).
 
 Numerics (wm_costs.py): cost matrices are built with torch on the parameters' device in float32
 (float64 when the parameters are float64); only the n×n cost goes to numpy for
@@ -42,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import torch
@@ -52,7 +54,25 @@ from ..errors import LmcxError
 from .spec import Permutation, PermutationSpec, StateDict, block_size, check_permutation, perm_sizes
 from .wm_costs import Costs, exact_gain, inner
 
-__all__ = ["WeightMatchingResult", "weight_matching", "l2_distance", "matchable_params"]
+__all__ = ["WeightMatchingResult", "weight_matching", "l2_distance", "matchable_params", "objective_keys",
+           "OBJECTIVES", "L2_DEFINITION"]
+
+OBJECTIVES = {"params": "trainable parameters only (BatchNorm running statistics excluded)",
+              "all": "every floating tensor the permutation spec names (BatchNorm running statistics included)"}
+
+
+# How lmcx reports "L2 to A" everywhere (match metrics, svd.json): one definition, whatever WM's objective.
+L2_DEFINITION = ("||theta_A - theta_B|| over the trainable parameters (weights, biases, norm affines; BatchNorm "
+                 "running statistics excluded), float64")
+
+
+def objective_keys(parameter_names: Collection[str], objective: str) -> set[str] | None:
+    """The `keys` of `weight_matching` for `match.wm_objective`: the trainable parameters' names
+    (`params`), or None for every floating tensor the spec names (`all`)."""
+    if objective not in OBJECTIVES:
+        raise LmcxError(f"unknown weight matching objective {objective!r}; choose {' or '.join(OBJECTIVES)}")
+    return set(parameter_names) if objective == "params" else None
+
 
 REL_TOL = 1e-12  # an assignment is accepted only if it raises the objective by more than this × |objective|
 TOL = 1e-5  # stop after a sweep that lowers ||θ_A − π(θ_B)||² by less than this fraction of itself
@@ -140,8 +160,10 @@ def weight_matching(
     start: str = "forward",
     tol: float = TOL,
     show_progress: bool = False,
+    keys: Collection[str] | None = None,
 ) -> WeightMatchingResult:
-    """Permutation π of model B maximising `Σ ⟨θ_A, π(θ_B)⟩` (minimising `||θ_A − π(θ_B)||²`).
+    """Permutation π of model B maximising `Σ ⟨θ_A, π(θ_B)⟩` (minimising `||θ_A − π(θ_B)||²`) over
+    the floating tensors the spec names, or only over `keys` when given (see `objective_keys`).
 
     Coordinate descent from `init_perm`, else from `start`: "forward" (the forward start of the module
     docstring) or "identity" (Git Re-Basin's), the
@@ -160,7 +182,8 @@ def weight_matching(
         raise LmcxError(f"tol must be >= 0, got {tol}")
     if start not in STARTS:
         raise LmcxError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
-    keys = matchable_params(spec, params_a, params_b)
+    only = keys
+    keys = [k for k in matchable_params(spec, params_a, params_b) if only is None or k in only]
     device = params_a[keys[0]].device if keys else torch.device("cpu")
     a: dict[str, torch.Tensor] = {}
     b: dict[str, torch.Tensor] = {}
