@@ -17,8 +17,8 @@ For each model: two independently initialised copies (seeds 0 and 1; MLP on 1x28
 --mlp-norm, default none; ResNet-20 on 3x32x32 with BatchNorm); then lmcx and rebasin alternately
 (lmcx, rebasin, lmcx, ...) `--repeats` times each, one torch thread, by process CPU time
 (`time.process_time`, which other processes' load barely inflates) and wall clock, medians:
-  lmcx     permutation_spec + weight_matching + apply_permutation (the spec is written per
-           architecture, nothing is traced)
+  lmcx     permutation_spec (traced from the model) + weight_matching (over the trainable parameters,
+           as `lmcx match` by default) + apply_permutation
   rebasin  PermutationCoordinateDescent(A, B, x) (traces both models) + .rebasin() (coordinate
            descent, then permutes B in place); its own seed: torch.manual_seed(seed) before each run
 Reported: CPU-time ratio rebasin / lmcx (> 1: lmcx faster), the tracing share of rebasin's time, L2
@@ -79,7 +79,8 @@ def run_lmcx(cfg, a, b, seed: int):
 
     spec = permutation_spec(cfg, IN_SHAPES[cfg.arch], 10)
     sa, sb = a.state_dict(), b.state_dict()
-    res = weight_matching(spec, sa, sb, seed=seed)
+    # the objective of `lmcx match` (match.wm_objective: params) and of rebasin: the trainable parameters
+    res = weight_matching(spec, sa, sb, seed=seed, keys={k for k, _ in a.named_parameters()})
     permuted = copy.deepcopy(b)
     permuted.load_state_dict(apply_permutation(spec, res.perm, sb))
     return permuted, {"sweeps": res.iterations, "solves": res.solves}
