@@ -3,11 +3,8 @@ progress may be shown at all (`--quiet` / $LMCX_QUIET). Progress itself is lmcx.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-from typing import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 QUIET_ENV = "LMCX_QUIET"
@@ -22,13 +19,3 @@ def set_quiet(quiet: bool) -> None:
 
 def is_quiet() -> bool:
     return _quiet or os.environ.get(QUIET_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
-@contextmanager
-def progress_bar() -> Iterator[Progress]:
-    """A rich bar on a terminal, nothing elsewhere (kept for the callers not yet on lmcx.progress)."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console,
-                   disable=not console.is_terminal or is_quiet(), transient=False)
-    with bar:
-        yield bar

@@ -130,3 +130,25 @@ def test_interpolation_shows_a_line_within_5s_then_at_most_every_15s(clock, caps
     assert 5 <= seconds[0] <= 7  # the first line once 5 s have passed (at the next forward pass)
     assert all(later - earlier <= 15 for earlier, later in zip(seconds, seconds[1:])), seconds
     assert any("stage norm fix (repair)" in line for line in out) and any("stage evaluate" in line for line in out)
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_ste_steps_on_the_progress_display(clock, capsys, monkeypatch, shown):
+    from lmcx.config import DataConfig, ModelConfig, SteConfig, SyntheticConfig
+    from lmcx.data import load_dataset
+    from lmcx.models import build_model, permutation_spec
+    from lmcx.permutation import straight_through_estimator
+
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0")
+    ds = load_dataset(DataConfig(name="synthetic", calib_size=16, synthetic=SyntheticConfig(
+        train_size=144, test_size=16, num_classes=4, shape=[1, 6, 6])))
+    cfg = ModelConfig(arch="mlp", width=0.0625, norm="none")
+    a, b = (build_model(cfg, ds.in_shape, 4) for _ in range(2))
+    r = straight_through_estimator(permutation_spec(cfg, ds.in_shape, 4), a, b, ds,
+                                   SteConfig(epochs=1, batch_size=64, eval_samples=64), progress=shown)
+    out = [line for line in lines(capsys.readouterr().err) if line.startswith("ste: ")]
+    if not shown:
+        assert out == []
+        return
+    assert f"{r.steps}/{r.steps} step (100%)" in out[-1] and out[-1].endswith(" done")
+    assert any("epoch 1/1" in line and "loss " in line and "best " in line for line in out)

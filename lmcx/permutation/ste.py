@@ -113,7 +113,7 @@ def straight_through_estimator(
     lr, batch_size, eval_samples, eval_every); `seed` fixes the batch order and the weight-matching
     sweep orders; `max_iter` bounds the sweeps of each projection, whose objective is `wm_objective`
     (weight_matching.objective_keys). Both models must be on one device."""
-    from ..console import progress_bar
+    from .. import progress as progress_display  # the `progress` argument says whether to show it
     from ..data import epoch_generator, train_batches
 
     t_start = time.perf_counter()
@@ -196,8 +196,7 @@ def straight_through_estimator(
     initial_loss = best["loss"]
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     step = 0
-    with progress_bar() as bar:
-        task = bar.add_task("ste", total=cfg.epochs * steps_per_epoch, status="", visible=progress)
+    with progress_display.task("ste", total=cfg.epochs * steps_per_epoch, unit="step", show=progress) as bar:
         for epoch in range(cfg.epochs):
             for x, y in train_batches(ds, cfg.batch_size, epoch_generator(seed, epoch)):
                 project(step)
@@ -214,10 +213,10 @@ def straight_through_estimator(
                 loss.backward()
                 optimizer.step()
                 step += 1
-                running["sum"] += loss.item()
+                last = loss.item()
+                running["sum"] += last
                 running["n"] += 1
-                bar.update(task, advance=1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {loss.item():.4f} "
-                                                    f"best {best['loss']:.4f}")
+                bar.advance(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=last, best=best["loss"])
                 if eval_every and step % eval_every == 0:
                     evaluate(step, epoch + 1)
             if not eval_every or step % eval_every != 0:
