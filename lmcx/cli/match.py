@@ -37,9 +37,9 @@ def match(
     """Match B to A. Writes permutation.json, permuted.safetensors (B in A's frame, a normal checkpoint),
     config.yaml and metrics.json (last); with several --b, b1/, b2/, ... each holding the first two.
 
-    A config file holds MatchConfig keys (method, seed, max_iter, am_samples, am_batch_size, many,
-    ste: {epochs, lr, batch_size, eval_samples, eval_every}). am and ste read the training data of A's
-    dataset; wm needs only the weights.
+    A config file holds MatchConfig keys (method, seed, max_iter, tol, start, wm_objective, am_samples,
+    am_batch_size, many, threads, ste: {epochs, lr, batch_size, eval_samples, eval_every}). am and ste
+    read the training data of A's dataset; wm needs only the weights.
 
     Examples, with the models of the README's train examples:
 
