@@ -8,7 +8,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..config import nested, parse_override, to_dict
+from ..config import TrainJob, nested, parse_override, to_dict
 
 OFF = "off"  # the default shown for a flag
 GLOBAL_OPTIONS = {"--threads": 1, "--quiet": 0, "-q": 0, "--trust-code": 1}  # root options, how many values each takes
@@ -115,6 +115,12 @@ ForceOption = Annotated[bool, typer.Option("--force", show_default=OFF,
 TrackOption = Annotated[Optional[str], typer.Option(
     "--track", show_default="track = none",
     help="none | tensorboard: event files in <run>/tensorboard/ (pip install 'lmcx[tensorboard]').")]
+# The model a run directory holds, for the commands that make one (train, import)
+ArchOption = Annotated[Optional[str], typer.Option(
+    help="mlp | vgg11 | vgg16 | resnet20 | torchvision.<name> | package.module:callable (README, Any model).",
+    show_default=key_default(TrainJob, "model.arch"))]
+WidthOption = Annotated[Optional[float], typer.Option(
+    help="Width multiplier.", show_default=key_default(TrainJob, "model.width"))]
 ModelAOption = Annotated[Path, typer.Option("--a", help="Model A: model.safetensors or a run directory.")]
 PermOption = Annotated[Optional[Path], typer.Option(
     "--perm", show_default="none", help="Permutation file applied to B (lmcx match).")]

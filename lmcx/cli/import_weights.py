@@ -7,19 +7,16 @@ from typing import Annotated, Optional
 import typer
 
 from ..config import TrainJob
-from .app import (ConfigOption, DataRootOption, DeviceOption, ForceOption, app, key_default, out_option, overrides,
-                  set_option, step_ran)
+from .app import (ArchOption, ConfigOption, DataRootOption, DeviceOption, ForceOption, WidthOption, app, key_default,
+                  out_option, overrides, set_option, step_ran)
 
 
 @app.command("import")
 def import_weights(
     weights: Annotated[Path, typer.Option(
         "--weights", help="FILE.safetensors, or a PyTorch state dict (.pt/.pth/.bin, read with weights_only=True).")],
-    arch: Annotated[Optional[str], typer.Option(
-        help="mlp | vgg11 | vgg16 | resnet20 | torchvision.<name> | package.module:callable (model.arch).",
-        show_default=key_default(TrainJob, "model.arch"))] = None,
-    width: Annotated[Optional[float], typer.Option(
-        help="Width multiplier (model.width).", show_default=key_default(TrainJob, "model.width"))] = None,
+    arch: ArchOption = None,
+    width: WidthOption = None,
     dataset: Annotated[Optional[str], typer.Option(
         "--data", "--dataset", help="Dataset the model is for: input shape, classes, evaluation (data.name).",
         show_default=key_default(TrainJob, "data.name"))] = None,

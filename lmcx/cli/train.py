@@ -7,20 +7,17 @@ from typing import Annotated, Optional
 import typer
 
 from ..config import TrainJob
-from .app import (OFF, ConfigOption, DataRootOption, DeviceOption, ForceOption, TrackOption, app, key_default,
-                  out_option, overrides, set_option, step_ran)
+from .app import (OFF, ArchOption, ConfigOption, DataRootOption, DeviceOption, ForceOption, TrackOption, WidthOption,
+                  app, key_default, out_option, overrides, set_option, step_ran)
 
 
 @app.command()
 def train(
     config: ConfigOption = None,
-    width: Annotated[Optional[float], typer.Option(
-        help="Width multiplier.", show_default=key_default(TrainJob, "model.width"))] = None,
+    width: WidthOption = None,
     seed: Annotated[Optional[int], typer.Option(
         help="Random seed (init, data order, augmentation).", show_default=key_default(TrainJob, "seed"))] = None,
-    arch: Annotated[Optional[str], typer.Option(
-        help="mlp | vgg11 | vgg16 | resnet20 | torchvision.<name> | package.module:callable (README, Any model).",
-        show_default=key_default(TrainJob, "model.arch"))] = None,
+    arch: ArchOption = None,
     dataset: Annotated[Optional[str], typer.Option(
         help="Dataset name (README, Datasets).", show_default=key_default(TrainJob, "data.name"))] = None,
     epochs: Annotated[Optional[int], typer.Option(
