@@ -61,7 +61,7 @@ def parameter_names(ckpt: Checkpoint) -> list[str]:
 
 
 def _l2(state_a, state_b, keys: list[str]) -> dict[str, Any]:
-    """L2 to A as everywhere in lmcx (weight_matching.L2_DEFINITION): over `keys`, the trainable parameters."""
+    """L2 to A as everywhere in lmcx (permutation.distance.L2_DEFINITION): over `keys`, the trainable parameters."""
     from .permutation import l2_distance
 
     total, per = l2_distance(state_a, state_b, keys)
@@ -76,7 +76,7 @@ def match_pair(spec, a: Checkpoint, b: Checkpoint, cfg: MatchConfig, device: tor
     from .permutation.activation_matching import TIEBREAK
 
     if cfg.method == "wm":
-        from .permutation.weight_matching import objective_keys
+        from .permutation.distance import objective_keys
 
         sa = {k: v.to(device) for k, v in a.state.items()}
         sb = {k: v.to(device) for k, v in b.state.items()}
@@ -167,7 +167,7 @@ def match_checkpoints(a_path, b_paths: list, cfg: MatchConfig, out_dir, device: 
     docstring into `out_dir`; returns what metrics.json holds."""
     from .models import permutation_coverage, permutation_spec
     from .permutation import l2_distance, merge_many
-    from .permutation.weight_matching import L2_DEFINITION, OBJECTIVES, objective_keys
+    from .permutation.distance import L2_DEFINITION, OBJECTIVES, objective_keys
     from .threads import thread_info
     from .train import resolve_device
 

@@ -40,7 +40,8 @@ def permuted_b(ckpt_a, ckpt_b, perm_path=None, b_permuted_path=None, *, wm_seed:
     if not on_the_fly:
         return None, {"source": "none", "note": "no permutation: B as trained (naive)"}
     from ..match import parameter_names
-    from ..permutation.weight_matching import objective_keys, weight_matching
+    from ..permutation.distance import objective_keys
+    from ..permutation.weight_matching import weight_matching
 
     spec = permutation_spec(ckpt_b.model, ckpt_b.in_shape, ckpt_b.num_classes)
     device = torch.device(device)

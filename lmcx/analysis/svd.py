@@ -23,7 +23,7 @@ Definitions (each lives in one function below):
   `R_w(γ) = ⟨U_A S̃_A V_Aᵀ, U_B' S̃_B' V_B'ᵀ⟩_F / (‖S̃_A‖_F ‖S̃_B'‖_F)` with `S̃ = diag(s_i / s_1)` over
   the same top-k: the cosine similarity of the two rank-k truncations of the weights (at γ = 0, the
   cosine similarity of the whole weight matrices). Vectors with large singular values count more.
-- `l2_distance` (from lmcx.permutation.weight_matching): `‖θ_A − θ_B‖` and `‖θ_A − π(θ_B)‖`, per layer
+- `l2_distance` (from lmcx.permutation.distance): `‖θ_A − θ_B‖` and `‖θ_A − π(θ_B)‖`, per layer
   and in total; relative reduction `(‖θ_A − θ_B‖ − ‖θ_A − π(θ_B)‖) / ‖θ_A − θ_B‖`.
 
 Entry points: `svd_analysis` on state dicts, `analyze_svd_checkpoints` on checkpoint files (writes
@@ -42,7 +42,7 @@ import torch
 from .. import progress
 from ..config import SvdConfig, to_dict
 from ..errors import LmcxError
-from ..permutation.weight_matching import L2_DEFINITION, l2_distance
+from ..permutation.distance import L2_DEFINITION, l2_distance
 from .pair import model_summary, permuted_b
 
 StateDict = Mapping[str, torch.Tensor]

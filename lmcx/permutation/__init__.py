@@ -5,7 +5,8 @@
                           union-find over axes; trace_ops.py, trace_layers.py: the handlers;
                           trace_table.py: which module / function / method each handler covers)
   check.py                `check_spec`: a spec verified by permuting and comparing outputs; coverage
-  weight_matching.py      weight matching (`lmcx match --method wm`) and the L2 distance of two models
+  weight_matching.py      weight matching (`lmcx match --method wm`); wm_costs.py: its cost matrices and gains
+  distance.py             what WM's objective and "L2 to A" sum over, and the L2 distance of two models
   activation_matching.py  activation matching (`--method am`) from activation correlations on data
   ste.py                  the straight-through estimator (`--method ste`)
   merge_many.py           three or more models: MergeMany and [A]'s match-to-an-anchor protocol
@@ -31,7 +32,8 @@ from .spec import (
 from .check import Coverage, check_spec, spec_coverage
 from .ste import SteResult, straight_through_estimator
 from .trace import trace_spec
-from .weight_matching import WeightMatchingResult, l2_distance, matchable_params, objective_keys, weight_matching
+from .distance import l2_distance, objective_keys
+from .weight_matching import WeightMatchingResult, matchable_params, weight_matching
 
 __all__ = [
     "Permutation",

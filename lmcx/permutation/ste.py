@@ -40,7 +40,8 @@ from torch.func import functional_call
 
 from ..errors import LmcxError
 from .spec import PermutationSpec, get_permuted_param, identity_permutation
-from .weight_matching import objective_keys, weight_matching
+from .distance import objective_keys
+from .weight_matching import weight_matching
 
 __all__ = ["SteResult", "straight_through_estimator", "midpoint_loss"]
 
@@ -112,7 +113,7 @@ def straight_through_estimator(
     """STE matching of model B to model A (see the module docstring). `cfg` is a `SteConfig` (epochs,
     lr, batch_size, eval_samples, eval_every); `seed` fixes the batch order and the weight-matching
     sweep orders; `max_iter` bounds the sweeps of each projection, whose objective is `wm_objective`
-    (weight_matching.objective_keys). Both models must be on one device."""
+    (distance.objective_keys). Both models must be on one device."""
     from .. import progress as progress_display  # the `progress` argument says whether to show it
     from ..data import epoch_generator, train_batches
 

@@ -28,7 +28,7 @@ What counts: only parameters named in `spec.axes_to_perm` (anything else in the 
 ignored) and only floating tensors among them (integer buffers are skipped); with `keys`, only those
 names. BatchNorm running statistics are in the spec (a permutation must move them), so without `keys`
 they count too; callers pass the trainable parameters' names for the parameters-only objective of Git
-Re-Basin, PLeaS and rebasin (`objective_keys`, `match.wm_objective`).
+Re-Basin, PLeaS and rebasin (`distance.objective_keys`, `match.wm_objective`).
 
 Numerics (wm_costs.py): cost matrices are built with torch on the parameters' device in float32
 (float64 when the parameters are float64); only the n×n cost goes to numpy for
@@ -51,28 +51,11 @@ import torch
 
 from .. import progress
 from ..errors import LmcxError
+from .distance import is_float
 from .spec import Permutation, PermutationSpec, StateDict, block_size, check_permutation, perm_sizes
 from .wm_costs import Costs, exact_gain, inner
 
-__all__ = ["WeightMatchingResult", "weight_matching", "l2_distance", "matchable_params", "objective_keys",
-           "OBJECTIVES", "L2_DEFINITION"]
-
-OBJECTIVES = {"params": "trainable parameters only (BatchNorm running statistics excluded)",
-              "all": "every floating tensor the permutation spec names (BatchNorm running statistics included)"}
-
-
-# How lmcx reports "L2 to A" everywhere (match metrics, svd.json): one definition, whatever WM's objective.
-L2_DEFINITION = ("||theta_A - theta_B|| over the trainable parameters (weights, biases, norm affines; BatchNorm "
-                 "running statistics excluded), float64")
-
-
-def objective_keys(parameter_names: Collection[str], objective: str) -> set[str] | None:
-    """The `keys` of `weight_matching` for `match.wm_objective`: the trainable parameters' names
-    (`params`), or None for every floating tensor the spec names (`all`)."""
-    if objective not in OBJECTIVES:
-        raise LmcxError(f"unknown weight matching objective {objective!r}; choose {' or '.join(OBJECTIVES)}")
-    return set(parameter_names) if objective == "params" else None
-
+__all__ = ["WeightMatchingResult", "weight_matching", "matchable_params"]
 
 REL_TOL = 1e-12  # an assignment is accepted only if it raises the objective by more than this × |objective|
 TOL = 1e-5  # stop after a sweep that lowers ||θ_A − π(θ_B)||² by less than this fraction of itself
@@ -103,10 +86,6 @@ class WeightMatchingResult:
     exact_checks: int = 0  # candidates whose gain was too close to the threshold to decide without float64
 
 
-def _is_float(t: torch.Tensor) -> bool:
-    return torch.is_tensor(t) and t.is_floating_point()
-
-
 def matchable_params(spec: PermutationSpec, params_a: StateDict, params_b: StateDict) -> list[str]:
     """Keys that weight matching uses: named by the spec, floating in both models, same shape.
 
@@ -126,7 +105,7 @@ def matchable_params(spec: PermutationSpec, params_a: StateDict, params_b: State
         if len(spec.axes_to_perm[k]) != a.ndim:
             raise LmcxError(f"the permutation spec gives {len(spec.axes_to_perm[k])} axes for {k!r}, "
                             f"which has {a.ndim}; the spec does not match this model")
-        if _is_float(a) and _is_float(b):
+        if is_float(a) and is_float(b):
             keys.append(k)
     sizes: dict[str, int] = {}
     for p, axes in spec.perm_to_axes.items():
@@ -163,7 +142,7 @@ def weight_matching(
     keys: Collection[str] | None = None,
 ) -> WeightMatchingResult:
     """Permutation π of model B maximising `Σ ⟨θ_A, π(θ_B)⟩` (minimising `||θ_A − π(θ_B)||²`) over
-    the floating tensors the spec names, or only over `keys` when given (see `objective_keys`).
+    the floating tensors the spec names, or only over `keys` when given (see `distance.objective_keys`).
 
     Coordinate descent from `init_perm`, else from `start`: "forward" (the forward start of the module
     docstring) or "identity" (Git Re-Basin's), the
@@ -376,29 +355,3 @@ class _Search:
         self.current, self.clock = value, clock
         self.solved_at.update(complete_at)
         return sum(int((self.perm[p] != start[p]).sum()) for p in self.spec.names)
-
-
-def l2_distance(
-    params_a: StateDict, params_b: StateDict, keys: list[str] | None = None
-) -> tuple[float, dict[str, float]]:
-    """Euclidean distance `||θ_A − θ_B||` over floating tensors, in total and per parameter name.
-
-    `keys` defaults to every floating tensor of `params_a` (buffers such as BN running statistics
-    included; pass `keys` to restrict, e.g. to weights). Computed in float64.
-    """
-    if keys is None:
-        keys = [k for k, v in params_a.items() if _is_float(v)]
-    per_param: dict[str, float] = {}
-    for k in keys:
-        if k not in params_a or k not in params_b:
-            raise LmcxError(f"parameter {k!r} is missing from one of the two models; they must have the same architecture")
-        va, vb = params_a[k], params_b[k]
-        if not (_is_float(va) and _is_float(vb)):
-            continue
-        if tuple(va.shape) != tuple(vb.shape):
-            raise LmcxError(f"parameter {k!r} has shape {tuple(va.shape)} in one model but {tuple(vb.shape)} in the other; "
-                            "they must have the same architecture and width")
-        diff = va.detach().double() - vb.detach().to(va.device).double()
-        per_param[k] = torch.linalg.vector_norm(diff).item()
-    total = math.sqrt(math.fsum(v * v for v in per_param.values()))
-    return total, per_param
