@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .config import InterpolateConfig, LewcConfig, MatchConfig, SvdConfig, TrainJob, to_dict
-from .rundir import INPUT_PATH_KEYS, result_settings
+from .rundir import INPUT_PATH_KEYS, input_location, result_settings
 
 MODEL_FILE = "model.safetensors"
 PERMUTED_FILE = "permuted.safetensors"  # B permuted into A's frame, written by `lmcx match`
@@ -59,15 +58,12 @@ def settings_hash(resolved: dict[str, Any], defaults: dict[str, Any] | None = No
 
 
 def _located(resolved: dict[str, Any]) -> dict[str, Any]:
-    """Input paths as the locations they name, as rundir.check_settings compares them: `runs/s0` and
-    `./runs/s0` are one input."""
-    def where(value: Any) -> Any:
-        return os.path.realpath(value) if isinstance(value, str) else value
-
+    """Input paths as the locations they name (rundir.input_location), as rundir.check_settings compares them."""
     out = dict(resolved)
     for key in INPUT_PATH_KEYS:
         if key in out:
-            out[key] = [where(v) for v in out[key]] if isinstance(out[key], list) else where(out[key])
+            value = out[key]
+            out[key] = [input_location(v) for v in value] if isinstance(value, list) else input_location(value)
     return out
 
 

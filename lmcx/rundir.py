@@ -160,11 +160,15 @@ def settings_difference(old: dict[str, Any], new: dict[str, Any], ignore: Iterab
     return None
 
 
+def input_location(value: Any) -> Any:
+    """An input path as the location it names (relative ones from the working directory): `runs/s0` and
+    `./runs/s0` are one input. Anything but a string is itself."""
+    return os.path.realpath(value) if isinstance(value, str) else value
+
+
 def _same_input(old: Any, new: Any) -> bool:
-    """Two input paths name the same location (relative ones from the working directory)."""
-    if old == new or not (isinstance(old, str) and isinstance(new, str)):
-        return old == new
-    return os.path.realpath(old) == os.path.realpath(new)
+    """Two input paths name the same location."""
+    return old == new or input_location(old) == input_location(new)
 
 
 def check_settings(run_dir: str | Path, resolved: dict[str, Any], ignore: Iterable[str] = ()) -> None:
