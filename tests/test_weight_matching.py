@@ -273,9 +273,62 @@ def test_cost_matrices_and_their_rounding_bound():
                     @ get_permuted_param(spec, perm, k, b, except_axis=ax).double().movedim(ax, 0).reshape(n, -1).T
                     for k, ax in axes)
         err = (costs.matrix(p, perm).double() - exact).abs()
-        bound = costs.gamma[p] * torch.outer(costs.row_norm_a[p], costs.row_norm_b[p])
+        bound = costs.rounding_gamma(p) * torch.outer(costs.row_norm_a[p], costs.row_norm_b[p])
         assert (err <= bound).all() and err.max() > 0, p  # inexact, yet within the bound
         assert costs.gamma[p] < 1e-3
+
+
+def test_kept_products_are_updated_within_their_widened_bound():
+    """After a permutation moves a few units, the kept products it touches are updated (not made anew),
+    and the cost matrices stay within rounding_gamma's bound of a float64 recomputation."""
+    from lmcx.permutation import get_permuted_param, perm_sizes
+    from lmcx.permutation.wm_costs import MAX_UPDATES, Costs
+
+    spec, a = _resnet20(6)
+    _, b = _resnet20(7)
+    a = {k: v for k, v in a.items() if v.is_floating_point()}
+    b = {k: b[k] for k in a}
+    sizes = perm_sizes(spec, a)
+    perm = random_permutation(spec, a, seed=8)
+    costs = Costs(spec, a, b, sizes)
+    for p in spec.names:
+        costs.matrix(p, perm)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(MAX_UPDATES + 2):  # past MAX_UPDATES: made anew, so never more updates than that
+        for q in spec.names:  # swap two units of every permutation
+            i, j = torch.randperm(sizes[q], generator=gen)[:2].tolist()
+            moved = perm[q].clone()
+            moved[[i, j]] = moved[[j, i]]
+            perm = {**perm, q: moved}
+        for p, axes in spec.perm_to_axes.items():
+            n = sizes[p]
+            exact = sum(a[k].double().movedim(ax, 0).reshape(n, -1)
+                        @ get_permuted_param(spec, perm, k, b, except_axis=ax).double().movedim(ax, 0).reshape(n, -1).T
+                        for k, ax in axes)
+            err = (costs.matrix(p, perm).double() - exact).abs()
+            assert (err <= costs.rounding_gamma(p) * torch.outer(costs.row_norm_a[p], costs.row_norm_b[p])).all(), p
+        updates = [t.updates for terms in costs.terms.values() for t in terms if t.keeps]
+        assert max(updates) == (step + 1) % (MAX_UPDATES + 1)  # 0: made anew after MAX_UPDATES
+    assert costs.rounding_gamma(p) > costs.gamma[p]  # the updates widen the bound that decisions use
+
+
+def test_kept_products_change_no_decision(monkeypatch):
+    """Weight matching with kept and updated products takes the same steps as one that makes every
+    product anew (many small sweeps from the identity exercise the updates)."""
+    from lmcx.permutation import wm_costs
+
+    spec, a = _resnet20(4)
+    _, b = _resnet20(5)
+    updates = []
+    update = wm_costs.Costs._update
+    monkeypatch.setattr(wm_costs.Costs, "_update", lambda self, *args: updates.append(1) or update(self, *args))
+    kept = weight_matching(spec, a, b, seed=3, tol=0, start="identity")
+    assert len(updates) > 10
+    monkeypatch.setattr(wm_costs.Term, "keeps", property(lambda self: False))
+    anew = weight_matching(spec, a, b, seed=3, tol=0, start="identity")
+    assert kept.iterations == anew.iterations >= 3
+    assert all(torch.equal(kept.perm[p], anew.perm[p]) for p in spec.names)
+    assert kept.objective == pytest.approx(anew.objective, rel=1e-12, abs=0)
 
 
 def test_progress_of_the_sweeps_only_when_asked(monkeypatch, capsys):

@@ -183,7 +183,7 @@ def weight_matching(
     if device.type == "cuda" and prev_precision != "highest":
         torch.set_float32_matmul_precision("highest")
     try:
-        search = _Search(spec, a, b, keys, perm, sizes)
+        search = _Search(spec, a, b, keys, perm, sizes, init_is_identity=init_perm is None)
         with progress.task("weight matching", unit="sweep", show=show_progress) as bar:
             search.run(max_iter, seed, tol, forward_start=init_perm is None and start == "forward", bar=bar)
     finally:
@@ -207,7 +207,7 @@ class _Search:
     """The state of one coordinate descent (see the module docstring)."""
 
     def __init__(self, spec: PermutationSpec, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
-                 keys: list[str], perm: dict[str, torch.Tensor], sizes: dict[str, int]):
+                 keys: list[str], perm: dict[str, torch.Tensor], sizes: dict[str, int], init_is_identity: bool):
         from scipy.optimize import linear_sum_assignment  # here, not at import: keeps `import lmcx.permutation` light
 
         self.spec, self.a, self.b, self.keys, self.perm, self.sizes = spec, a, b, keys, perm, sizes
@@ -219,7 +219,7 @@ class _Search:
         self.budget = 0.0  # elements the exact gains of this sweep may still read (see `improve`)
         # ||θ_A||² + ||θ_B||², for the stopping rule and the progress display only: float32 norms suffice
         self.norms = math.fsum(float(torch.linalg.vector_norm(x[k])) ** 2 for x in (a, b) for k in keys)
-        self.current = self.exact_objective()
+        self.current = self.exact_objective(identity=init_is_identity)
         self.objective = [self.current]
         self.clock = 0  # bumped on every accepted change
         self.changed_at = {p: 0 for p in spec.names}
@@ -227,8 +227,9 @@ class _Search:
         self.lap_seconds, self.solves, self.iterations, self.exact_checks = 0.0, 0, 0, 0
         self.stop = "no improvement"
 
-    def exact_objective(self) -> float:
-        return math.fsum(inner(self.spec, self.perm, k, self.a, self.b) for k in self.keys)
+    def exact_objective(self, identity: bool = False) -> float:
+        """Σ ⟨θ_A, π(θ_B)⟩ in float64; `identity`: π is the identity (read B as it lies)."""
+        return math.fsum(inner(self.spec, None if identity else self.perm, k, self.a, self.b) for k in self.keys)
 
     def distance2(self) -> float:
         """||θ_A − π(θ_B)||² over the matched parameters."""

@@ -8,12 +8,22 @@ of `A_t @ B'_tᵀ`, where B'_t is B_t with the other axes' current permutations 
 per other permuted axis, no transposing copies. The terms without other permuted axes (biases, norm
 parameters, a first layer's weight, a classifier's) never change: their sum is computed once per p.
 
+Each other term's product `A_t @ B'_tᵀ` is kept (where it is no larger than the term itself, n ≤ fan)
+with the permutations it was made at. Asked again, it is reused if they are the same; if one of them
+moved only a few units (at most a quarter), only those units' slices are added and subtracted,
+`A_t[:, moved] @ (B_t[:, new] − B_t[:, old])ᵀ`, at a fraction of the FLOPs; otherwise, or after
+MAX_UPDATES such updates, it is made anew. The forward start's one-sided costs are so reused by the
+sweeps that follow, and a re-solve after a small change costs little.
+
 Rounding: a float32 product C_ij = Σ_x a_ix b_jx over K terms is within γ_K Σ|a_ix||b_jx| ≤
 γ_K ‖a_i‖‖b_j‖ of the exact value (γ_K = K·u / (1 − K·u), u the unit roundoff; Higham, Accuracy and
 Stability of Numerical Algorithms, §3.1), where the norms are those of p's rows over all its terms
-together; the other permutations only reorder the entries of a row, so the norms are computed once. A
-candidate's gain read off the cost matrix is therefore known up to `rounding` (summed over the rows
-that moved), and only a gain within that bound of the acceptance threshold needs the exact check.
+together; the other permutations only reorder the entries of a row, so the norms are computed once. An
+update adds at most 2γ_K‖a_i‖‖b_j‖ (its products read distinct entries of row j twice: the new and the
+old slices; the subtraction's rounding is one more term of K) and u‖a_i‖‖b_j‖ for adding it in, so a
+term updated m times is within (1 + 3m)·γ_K of exact (γ_K ≥ u). A candidate's gain read off the cost
+matrix is therefore known up to `rounding` (summed over the rows that moved), and only a gain within
+that bound of the acceptance threshold needs the exact check.
 
 Exact values (`inner`, `exact_gain`): products of float32 numbers are exact in float64, so these are
 exact up to float64 summation error; they read a few slices at a time (small temporaries).
@@ -27,6 +37,7 @@ import torch
 
 from .spec import Permutation, PermutationSpec, axis_index, block_size, expand_blocks
 
+MAX_UPDATES = 4  # a kept product is made anew after this many updates (each widens its rounding bound)
 CHUNK_ELEMS = 1 << 16  # float64 work is done a few slices at a time: small temporaries, no page-fault storms
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 
@@ -38,10 +49,18 @@ class Term:
     a: torch.Tensor  # A[key] with `axis` first, as (n, rest), contiguous
     b: torch.Tensor  # B[key] with `axis` first, not flattened, contiguous
     others: list[tuple[int, str, int]]  # (axis in `b`, permutation, block size) of the other permuted axes
+    kept: torch.Tensor | None = None  # A_t @ B'_tᵀ at the permutations `kept_at` (see the module docstring)
+    kept_at: tuple[torch.Tensor, ...] = ()
+    updates: int = 0  # updates since `kept` was made anew
 
     @property
     def fan(self) -> int:
         return self.a.shape[1]
+
+    @property
+    def keeps(self) -> bool:
+        """Whether its product is kept: only where that is no larger than the term (n ≤ fan)."""
+        return bool(self.others) and self.a.shape[0] <= self.fan
 
 
 class Costs:
@@ -56,6 +75,7 @@ class Costs:
         self.gamma: dict[str, float] = {}
         self.row_norm_a: dict[str, torch.Tensor] = {}
         self.row_norm_b: dict[str, torch.Tensor] = {}
+        self.updates: dict[str, int] = {}  # per p: the most updates among the kept products of its last cost
         for p, axes in spec.perm_to_axes.items():
             n, terms = sizes[p], []
             for key, axis in axes:
@@ -83,7 +103,44 @@ class Costs:
             self.fixed[p] = self._product([t for t in self.terms[p] if not t.others], perm)
         cost = None if self.fixed[p] is None else self.fixed[p].clone()
         moving = [t for t in self.terms[p] if t.others and (use is None or use(t))]
-        return self._product(moving, perm, cost)
+        for t in moving:
+            if t.keeps:
+                kept = self._kept(t, perm)
+                cost = kept.clone() if cost is None else cost.add_(kept)
+        self.updates[p] = max((t.updates for t in moving if t.keeps), default=0)
+        return self._product([t for t in moving if not t.keeps], perm, cost)
+
+    def rounding_gamma(self, p: str) -> float:
+        """γ of p's last cost matrix: γ_K widened by the updates of its kept products."""
+        return self.gamma[p] * (1 + 3 * self.updates.get(p, 0))
+
+    def _kept(self, t: Term, perm: Mapping[str, Permutation]) -> torch.Tensor:
+        """t's product at `perm`: the kept one, updated, or made anew (module docstring)."""
+        now = tuple(perm[q] for _, q, _ in t.others)
+        if t.kept is not None:
+            changed = [i for i, (was, is_) in enumerate(zip(t.kept_at, now)) if was is not is_]
+            moved = [torch.nonzero(t.kept_at[i] != now[i]).flatten() for i in changed]
+            if all(m.numel() == 0 for m in moved):
+                t.kept_at = now
+                return t.kept
+            if (len(changed) == 1 and len(t.others) == 1 and t.updates < MAX_UPDATES
+                    and 4 * moved[0].numel() <= len(now[0])):
+                self._update(t, moved[0], t.kept_at[0], now[0])
+                t.kept_at = now
+                return t.kept
+        t.kept, t.kept_at, t.updates = self._product([t], perm), now, 0
+        return t.kept
+
+    def _update(self, t: Term, units: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
+        """kept += A_t[:, units] @ (B_t[:, new[units]] − B_t[:, old[units]])ᵀ on t's one other axis."""
+        ax, _, k = t.others[0]
+        n = t.a.shape[0]
+        cols = expand_blocks(units, k)
+        a_moved = t.a.view(t.b.shape).index_select(ax, cols).reshape(n, -1)
+        b_diff = t.b.index_select(ax, expand_blocks(new[units], k)) - t.b.index_select(ax, expand_blocks(old[units], k))
+        t.kept.addmm_(a_moved, b_diff.reshape(n, -1).T)
+        t.updates += 1
+        self.flops += 2 * n * n * a_moved.shape[1]
 
     def _product(self, terms: list[Term], perm: Mapping[str, Permutation],
                  cost: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -102,7 +159,7 @@ class Costs:
     def rounding(self, p: str, rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> float:
         """Bound on |gain read off float C_p − exact gain| when `rows` (CPU) move from `old` to `new` columns."""
         na, nb = self.row_norm_a[p], self.row_norm_b[p]
-        return self.gamma[p] * float((na[rows] * (nb[new[rows]] + nb[old[rows]])).sum())
+        return self.rounding_gamma(p) * float((na[rows] * (nb[new[rows]] + nb[old[rows]])).sum())
 
 
 def _row_norms(matrices: list[torch.Tensor]) -> torch.Tensor:
@@ -134,15 +191,15 @@ def _others(spec: PermutationSpec, perm: Mapping[str, Permutation], key: str, ax
             if q is not None and ax != axis]
 
 
-def inner(spec: PermutationSpec, perm: Mapping[str, Permutation], key: str,
+def inner(spec: PermutationSpec, perm: Mapping[str, Permutation] | None, key: str,
           a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """⟨A[key], π(B)[key]⟩ in float64."""
+    """⟨A[key], π(B)[key]⟩ in float64; `perm` None: the identity (nothing to gather)."""
     wa, wb = a[key], b[key]
     if wa.ndim == 0:
         return (wa.double() * wb.double()).item()
     q0 = spec.axes_to_perm[key][0]
-    rows_b = None if q0 is None else axis_index(spec, key, 0, perm[q0])
-    others = _others(spec, perm, key, 0)
+    rows_b = None if q0 is None or perm is None else axis_index(spec, key, 0, perm[q0])
+    others = [] if perm is None else _others(spec, perm, key, 0)
     step = max(1, CHUNK_ELEMS // max(1, wa[0].numel()))
     total = torch.zeros((), dtype=torch.float64, device=wa.device)
     for s in range(0, wa.shape[0], step):  # A's slices as they lie; B's as the permutations pick them
