@@ -91,13 +91,12 @@ def check_spec(model: nn.Module, spec: PermutationSpec, example_input: torch.Ten
     state = model.state_dict()
     matchable_params(spec, state, state)  # names and sizes fit the model, or a clear error
     reference, inputs, tol = _perturbed_copy(model, inputs, seed)
-    permuted = copy.deepcopy(reference)
     perm = _moving_permutation(spec, reference.state_dict(), seed)
-    failure = _compare(reference, permuted, spec, perm, inputs, tol, seed)
+    failure = _compare(reference, spec, perm, inputs, tol, seed)
     if failure is not None:
         identity = {p: torch.arange(n) for p, n in perm_sizes(spec, state).items()}
         culprits = [p for p in spec.names
-                    if _compare(reference, permuted, spec, {**identity, p: perm[p]}, inputs, tol, seed) is not None]
+                    if _compare(reference, spec, {**identity, p: perm[p]}, inputs, tol, seed) is not None]
         named = "; ".join(f"permutation {p!r} (on {_axes(spec, p)})" for p in culprits[:3]) or \
             "all permutations together (no single one)"
         raise LmcxError(f"the permutation spec does not fit the model: {failure} under {named}; "
@@ -151,26 +150,30 @@ def _moving_permutation(spec: PermutationSpec, state: StateDict, seed: int) -> d
     return perm
 
 
-def _compare(reference: nn.Module, permuted: nn.Module, spec: PermutationSpec, perm: Mapping[str, Permutation],
+def _compare(reference: nn.Module, spec: PermutationSpec, perm: Mapping[str, Permutation],
              inputs: tuple, tol: float, seed: int) -> str | None:
-    """What differs between `reference` and `reference` permuted by `perm` (loaded into `permuted`), or None."""
+    """What differs between `reference` and `reference` permuted by `perm`, or None. The permuted model
+    is `reference` run on the permuted state (torch.func.functional_call: no second copy of the model);
+    every entry is its own tensor, so what one run updates in place (BN statistics) the other never sees."""
     from ..models import forward_hooks  # here: lmcx.models itself imports lmcx.permutation
 
-    permuted.load_state_dict(apply_permutation(spec, perm, reference.state_dict()))
+    permuted = {k: v.clone() for k, v in apply_permutation(spec, perm, reference.state_dict()).items()}
     points = sorted({name for names in spec.activation_points.values() for name in names})
     for training in (False, True):
         outputs, acts = [], []
-        for m in (reference, permuted):
+        reference.train(training)
+        for sub in reference.modules():
+            if isinstance(sub, nn.modules.dropout._DropoutNd):
+                sub.eval()
+        for state in (None, permuted):
             store: dict[str, torch.Tensor] = {}
-            m.train(training)
-            for sub in m.modules():
-                if isinstance(sub, nn.modules.dropout._DropoutNd):
-                    sub.eval()
             hooks = {} if training else {n: _recorder(store, n) for n in points}
             try:
-                with torch.no_grad(), torch.random.fork_rng(devices=[]), forward_hooks(m, hooks):
+                with torch.no_grad(), torch.random.fork_rng(devices=[]), forward_hooks(reference, hooks):
                     torch.manual_seed(seed)
-                    outputs.append(leaves(m(*inputs), torch.Tensor))
+                    out = reference(*inputs) if state is None else \
+                        torch.func.functional_call(reference, state, inputs, tie_weights=False)
+                    outputs.append(leaves(out, torch.Tensor))
             except Exception as e:
                 raise LmcxError(f"the model fails on the example input in {'train' if training else 'eval'} mode: "
                                 f"{str(e).strip().splitlines()[0]}; pass an input the model accepts in both modes "
