@@ -273,7 +273,7 @@ def test_cost_matrices_and_their_rounding_bound():
                     @ get_permuted_param(spec, perm, k, b, except_axis=ax).double().movedim(ax, 0).reshape(n, -1).T
                     for k, ax in axes)
         err = (costs.matrix(p, perm).double() - exact).abs()
-        bound = costs.rounding_gamma(p) * torch.outer(costs.row_norm_a[p], costs.row_norm_b[p])
+        bound = costs.rounding_gamma(p) * torch.outer(*costs.row_norms(p))
         assert (err <= bound).all() and err.max() > 0, p  # inexact, yet within the bound
         assert costs.gamma[p] < 1e-3
 
@@ -306,7 +306,7 @@ def test_kept_products_are_updated_within_their_widened_bound():
                         @ get_permuted_param(spec, perm, k, b, except_axis=ax).double().movedim(ax, 0).reshape(n, -1).T
                         for k, ax in axes)
             err = (costs.matrix(p, perm).double() - exact).abs()
-            assert (err <= costs.rounding_gamma(p) * torch.outer(costs.row_norm_a[p], costs.row_norm_b[p])).all(), p
+            assert (err <= costs.rounding_gamma(p) * torch.outer(*costs.row_norms(p))).all(), p
         updates = [t.updates for terms in costs.terms.values() for t in terms if t.keeps]
         assert max(updates) == (step + 1) % (MAX_UPDATES + 1)  # 0: made anew after MAX_UPDATES
     assert costs.rounding_gamma(p) > costs.gamma[p]  # the updates widen the bound that decisions use

@@ -73,8 +73,7 @@ class Costs:
         self.fixed: dict[str, torch.Tensor | None] = {}  # per p: the sum of its terms without other permuted axes
         self.terms: dict[str, list[Term]] = {}
         self.gamma: dict[str, float] = {}
-        self.row_norm_a: dict[str, torch.Tensor] = {}
-        self.row_norm_b: dict[str, torch.Tensor] = {}
+        self._row_norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # made when first needed
         self.updates: dict[str, int] = {}  # per p: the most updates among the kept products of its last cost
         for p, axes in spec.perm_to_axes.items():
             n, terms = sizes[p], []
@@ -91,8 +90,6 @@ class Costs:
                 k = sum(t.fan for t in terms) + len(terms)  # the terms' products, then their sum
                 # 1.05: room for the rounding of the bound itself (norms taken in the parameters' precision)
                 self.gamma[p] = 1.05 * k * unit / (1 - k * unit)
-                self.row_norm_a[p] = _row_norms([t.a for t in terms])
-                self.row_norm_b[p] = _row_norms([t.b.reshape(n, -1) for t in terms])
 
     def matrix(self, p: str, perm: Mapping[str, Permutation],
                use: Callable[[Term], bool] | None = None) -> torch.Tensor | None:
@@ -156,9 +153,18 @@ class Costs:
             self.flops += 2 * t.a.shape[0] ** 2 * t.fan
         return cost
 
+    def row_norms(self, p: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖A row i‖, ‖B row j‖) of p over all its terms, float64 on the CPU; computed on first use
+        (only candidates that differ from the current assignment need them)."""
+        if p not in self._row_norms:
+            n = self.sizes[p]
+            self._row_norms[p] = (_row_norms([t.a for t in self.terms[p]]),
+                                  _row_norms([t.b.reshape(n, -1) for t in self.terms[p]]))
+        return self._row_norms[p]
+
     def rounding(self, p: str, rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> float:
         """Bound on |gain read off float C_p − exact gain| when `rows` (CPU) move from `old` to `new` columns."""
-        na, nb = self.row_norm_a[p], self.row_norm_b[p]
+        na, nb = self.row_norms(p)
         return self.rounding_gamma(p) * float((na[rows] * (nb[new[rows]] + nb[old[rows]])).sum())
 
 
