@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmcx.report import fmt  # noqa: E402
 
-MLPS = [("strong wd (3e-3)", "mlp_mnist_strong_wd"), ("weak wd (1e-4)", "mlp_mnist_weak_wd"),
-        ("no wd", "mlp_mnist_no_wd")]
+MLPS = [("3e-3 (strong)", "mlp_mnist_strong_wd"), ("1e-4 (weak)", "mlp_mnist_weak_wd"),
+        ("0 (none)", "mlp_mnist_no_wd")]
 RESNET = "resnet20_cifar10"
 
 
@@ -57,19 +57,14 @@ def md(header: list[str], body: list[list[str]]) -> str:
 
 
 def per_width(root: Path, title: str, columns: list[tuple[str, str, str, int]], experiments=MLPS) -> str:
-    """One row per width; per experiment, the columns (label, method, summary column, digits)."""
-    tables = {name: rows(root, name) for _, name in experiments}
-    all_widths = sorted({w for t in tables.values() for w in widths(t)}, key=float)
-    header = ["width"] + [f"{label}: {col}" for label, name in experiments if tables[name] for col, *_ in columns]
+    """A row per (experiment, width); the columns (label, method, summary column, digits)."""
     body = []
-    for w in all_widths:
-        line = [f"{float(w):g}×"]
-        for _, name in experiments:
-            if tables[name]:
-                line += [fmt(values(tables[name], column, width=w, method=method), digits)
-                         for _, method, column, digits in columns]
-        body.append(line)
-    return f"### {title}\n\n" + md(header, body)
+    for label, name in experiments:
+        table = rows(root, name)
+        for w in widths(table):
+            body.append([label, f"{float(w):g}×"] + [fmt(values(table, column, width=w, method=method), digits)
+                                                      for _, method, column, digits in columns])
+    return f"### {title}\n\n" + md(["weight decay", "width"] + [c[0] for c in columns], body)
 
 
 def accuracy_table(root: Path) -> str:
@@ -78,7 +73,7 @@ def accuracy_table(root: Path) -> str:
     all_widths = sorted({w for t in tables.values() for w in widths(t)}, key=float)
     body = [[f"{float(w):g}×"] + [fmt(endpoint_accuracy(tables[name], w), 2, " %") for _, name in present]
             for w in all_widths]
-    return "### Endpoint test accuracy (over models)\n\n" + md(["width"] + [label for label, _ in present], body)
+    return "### Endpoint test accuracy (over models; columns: weight decay)\n\n" + md(["width"] + [label for label, _ in present], body)
 
 
 def three_models_table(root: Path, name: str = "mlp_mnist_strong_wd") -> str:
