@@ -77,7 +77,9 @@ DATA = {
     "root": F(st.one_of(st.none(), st.sampled_from(["nowhere", "/nonexistent/data"])), NOT_STR),
     "path": F(st.none(), NOT_STR),
     "download": F(st.just(False), NOT_BOOL),  # never true: no network in tests
-    "calib_size": ints(0, 48, 0), "train_size": F(st.one_of(st.none(), st.integers(64, 400)), st.one_of(
+    "calib_size": F(st.one_of(st.none(), st.integers(0, 48)), st.one_of(  # null: the dataset's default
+        st.integers(-3, -1), NOT_INT.filter(lambda v: v is not None))),
+    "train_size": F(st.one_of(st.none(), st.integers(64, 400)), st.one_of(
         st.integers(-3, 0), NOT_INT.filter(lambda v: v is not None))),
     "augment": flag(), "crop_padding": ints(0, 4, 0),
     "synthetic": {"train_size": ints(128, 300, 1), "test_size": ints(1, 100, 1), "num_classes": ints(2, 8, 2),
