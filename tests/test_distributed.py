@@ -22,7 +22,8 @@ def test_two_process_ddp_matches_single_process(tmp_path):
                             capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
     torchrun = str(TORCHRUN) if TORCHRUN.exists() else shutil.which("torchrun")
-    ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", *args,
+    # --standalone: the rendezvous takes a free port, so parallel test workers or runs never collide on one
+    ddp = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", *args,
                           "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     meta = json.loads((tmp_path / "ddp" / "meta.json").read_text())
