@@ -25,6 +25,8 @@ from lmcx.errors import LmcxError
 
 FUZZ = settings(max_examples=200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# `lmcx train` examples cost ~0.1 s each (a third of them train): half as many, new ones on every run
+FUZZ_TRAIN = settings(FUZZ, max_examples=100)
 
 NON_FINITE = st.sampled_from([float("nan"), float("inf"), float("-inf")])
 NOT_NUMBER = st.one_of(st.none(), st.booleans(), st.text(max_size=6), st.lists(st.integers(-2, 3), max_size=3),
@@ -188,7 +190,7 @@ def check_outcome(result, mode: str, allow_diverged: bool = False) -> None:
         assert "training diverged" in lines[-1], result.err
 
 
-@FUZZ
+@FUZZ_TRAIN
 @given(drawn=configs(TRAIN_JOB))
 def test_random_train_configs(cli, drawn):
     mode, config = drawn
