@@ -14,19 +14,21 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 @pytest.mark.skipif(not TORCHRUN.exists() and shutil.which("torchrun") is None, reason="torchrun not installed")
-def test_two_process_ddp_matches_single_process(tmp_path):
+def test_two_process_ddp_matches_single_process(tmp_path, cli):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["-m", "lmcx", "train", "-c", str(REPO / "configs" / "digits_mlp.yaml"), "--epochs", "6",
-            "--set", "train.optimizer=sgd", "--set", "train.lr=0.05"]
-    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "single")], env=env,
-                            capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr
+    args = ["train", "-c", str(REPO / "configs" / "digits_mlp.yaml"), "--epochs", "6",
+            "--set", "train.optimizer=sgd", "--set", "train.lr=0.05", "--threads", "1"]
+    # The single-process reference runs in this process (one thread, like each rank): the same `lmcx train`,
+    # without the cost of starting another Python and importing torch once more.
+    single = cli(*args, "--out", tmp_path / "single")
+    assert single.code == 0, single.err
     torchrun = str(TORCHRUN) if TORCHRUN.exists() else shutil.which("torchrun")
-    ddp = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", *args,
+    # --standalone: the rendezvous takes a free port, so parallel test workers or runs never collide on one
+    ddp = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "lmcx", *args,
                           "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
-    meta = json.loads((tmp_path / "ddp" / "meta.json").read_text())
-    assert meta["world_size"] == 2
+    worlds = [json.loads((tmp_path / d / "meta.json").read_text())["world_size"] for d in ("single", "ddp")]
+    assert worlds == [1, 2]
     acc = [json.loads((tmp_path / d / "metrics.json").read_text())["test_accuracy"] for d in ("single", "ddp")]
     assert acc[0] > 0.9
     assert abs(acc[0] - acc[1]) <= 0.005, acc

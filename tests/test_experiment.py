@@ -132,12 +132,14 @@ def test_malformed_experiment_fails_before_training(tmp_path, cli, edit, fragmen
     assert not (tmp_path / "out" / "train").exists()
 
 
-def test_killed_run_resumes_to_the_same_report(tmp_path):
+def test_killed_run_resumes_to_the_same_report(tmp_path, cli):
     exp = write_yaml(tmp_path / "exp.yaml", EXPERIMENT.replace("epochs: 3", "epochs: 30")
                      .replace("analyses: [svd, lewc]", "analyses: []"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = [sys.executable, "-m", "lmcx", "run", str(exp), "--out"]
-    subprocess.run(run + [str(tmp_path / "full")], env=env, check=True, capture_output=True)
+    # the uninterrupted reference runs in this process, on one thread like the subprocesses below
+    full = cli("--threads", "1", "run", exp, "--out", tmp_path / "full")
+    assert full.code == 0, full.err
 
     proc = subprocess.Popen(run + [str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -55,13 +55,13 @@ def test_complete_run_is_skipped_force_redoes_and_other_settings_refused(tmp_pat
     assert (run / "model.safetensors").stat().st_mtime_ns != stamp
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, synthetic_config):
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, synthetic_config, cli):
     """A process killed mid-training and continued with --resume ends with bit-identical weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "lmcx", "train", "-c", str(synthetic_config), "--epochs", "40",
-            "--set", "data.synthetic.train_size=2048"]
-    full = tmp_path / "full"
-    subprocess.run(args + ["--out", str(full)], env=env, check=True, capture_output=True)
+    train_args = ["train", "-c", str(synthetic_config), "--epochs", "40", "--set", "data.synthetic.train_size=2048"]
+    args = [sys.executable, "-m", "lmcx", *train_args]
+    full = tmp_path / "full"  # the uninterrupted reference: in this process, one thread like the subprocesses
+    assert cli(*train_args, "--threads", "1", "--out", full).code == 0
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(args + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
