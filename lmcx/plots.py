@@ -245,6 +245,7 @@ def plot_barrier_vs_width(rows: list[dict], methods: list[str], path: str | Path
     widths = sorted({r["width"] for r in rows})
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.9))
     counts: set[int] = set()
+    plotted: dict[plt.Axes, list[float]] = {ax_loss: [], ax_acc: []}
 
     def series(method: str, key: str):
         xs, ms, ss = [], [], []
@@ -265,9 +266,11 @@ def plot_barrier_vs_width(rows: list[dict], methods: list[str], path: str | Path
             if xs:
                 ax_loss.errorbar(xs, ms, yerr=ss, color=color, linestyle=style, marker="o", capsize=3,
                                  label=f"{method}{suffix}")
+                plotted[ax_loss] += ms
         xs, ms, ss = series(method, "acc_barrier_pp")
         if xs:
             ax_acc.errorbar(xs, ms, yerr=ss, color=color, marker="o", capsize=3, label=method)
+            plotted[ax_acc] += ms
     if counts == {1}:
         over = "1 pair per width, no error bars"
     else:
@@ -279,6 +282,13 @@ def plot_barrier_vs_width(rows: list[dict], methods: list[str], path: str | Path
         ax.minorticks_off()
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xlabel("width multiplier")
+        # Matched barriers sit 100x below naive ones: on a linear axis they are a flat line at 0
+        positive = [abs(v) for v in plotted[ax] if math.isfinite(v) and v != 0]
+        if positive and max(positive) > 100 * min(positive):
+            ax.set_yscale("symlog", linthresh=max(min(positive), 1e-4 * max(positive)))
+            lowest = min(v for v in plotted[ax] if math.isfinite(v))
+            ax.set_ylim(0 if lowest >= 0 else 3 * lowest, 3 * max(positive))  # no empty negative half
+            ylabel += ", symmetric log scale"
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title} ({over})", fontsize=10)
         ax.grid(alpha=0.3)

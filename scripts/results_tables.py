@@ -84,7 +84,7 @@ def three_models_table(root: Path, name: str = "mlp_mnist_strong_wd") -> str:
     body = []
     for w in widths(table):
         body.append([f"{float(w):g}×"] + [" / ".join(fmt(values(table, c, width=w, method=m), d)
-                                                    for c, d in (("loss_barrier", 3), ("calibrated_loss_barrier", 3),
+                                                    for c, d in (("loss_barrier", 4), ("calibrated_loss_barrier", 4),
                                                                  ("acc_barrier_pp", 2)))
                                           for m in methods])
     return ("### Three models through one anchor (models 1 and 2 each matched to anchor 0, then interpolated "
