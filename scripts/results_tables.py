@@ -106,7 +106,8 @@ def resnet_table(root: Path) -> str:
     acc = {w: fmt(endpoint_accuracy(table, w), 2, " %") for w in widths(table)}
     return ("### ResNet-20 on CIFAR-10 (BN reset)\n\n"
             + md(["width", "method", "loss barrier", "calibrated", "acc barrier (pp)", "R(0.3)", "L2 reduction %"], body)
-            + "\n\nEndpoint test accuracy: " + ", ".join(f"{float(w):g}×: {a}" for w, a in acc.items()))
+            + "\n\nEndpoint test accuracy on the curves (λ = 0 and 1, BN statistics reset like every λ; "
+            "report.md gives the models' own): " + ", ".join(f"{float(w):g}×: {a}" for w, a in acc.items()))
 
 
 def main() -> None:
