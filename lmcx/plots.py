@@ -285,7 +285,8 @@ def plot_barrier_vs_width(rows: list[dict], methods: list[str], path: str | Path
         # Matched barriers sit 100x below naive ones: on a linear axis they are a flat line at 0
         positive = [abs(v) for v in plotted[ax] if math.isfinite(v) and v != 0]
         if positive and max(positive) > 100 * min(positive):
-            ax.set_yscale("symlog", linthresh=max(min(positive), 1e-4 * max(positive)))
+            # linthresh on a decade, so the 0 tick and the first decade's tick are a decade apart
+            ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(max(min(positive), 1e-4 * max(positive)))))
             lowest = min(v for v in plotted[ax] if math.isfinite(v))
             ax.set_ylim(0 if lowest >= 0 else 3 * lowest, 3 * max(positive))  # no empty negative half
             ylabel += ", symmetric log scale"
