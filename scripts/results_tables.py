@@ -56,10 +56,10 @@ def md(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
-def per_width(root: Path, title: str, columns: list[tuple[str, str, str, int]], experiments=MLPS) -> str:
+def per_width(root: Path, title: str, columns: list[tuple[str, str, str, int]]) -> str:
     """A row per (experiment, width); the columns (label, method, summary column, digits)."""
     body = []
-    for label, name in experiments:
+    for label, name in MLPS:
         table = rows(root, name)
         for w in widths(table):
             body.append([label, f"{float(w):g}×"] + [fmt(values(table, column, width=w, method=method), digits)
@@ -76,8 +76,8 @@ def accuracy_table(root: Path) -> str:
     return "### Endpoint test accuracy (over models; columns: weight decay)\n\n" + md(["width"] + [label for label, _ in present], body)
 
 
-def three_models_table(root: Path, name: str = "mlp_mnist_strong_wd") -> str:
-    table = rows(root, name, "three_models.csv")
+def three_models_table(root: Path) -> str:
+    table = rows(root, "mlp_mnist_strong_wd", "three_models.csv")  # the one experiment with three_models
     if not table:
         return ""
     methods = list(dict.fromkeys(r["method"] for r in table))

@@ -255,9 +255,9 @@ def test_float32_decisions_agree_with_exact_checks(monkeypatch):
     assert all(y >= x for x, y in zip(fast.objective, fast.objective[1:]))
 
 
-def test_cost_matrices_and_their_rounding_bound():
-    """Costs.matrix equals the cost built from scratch in float64 within Costs' own rounding bound."""
-    from lmcx.permutation import get_permuted_param, perm_sizes
+def _costs_of_a_resnet20_pair():
+    """Two BN ResNet-20s (floating entries), a random permutation and the Costs of the pair."""
+    from lmcx.permutation import perm_sizes
     from lmcx.permutation.wm_costs import Costs
 
     spec, a = _resnet20(6)
@@ -266,13 +266,24 @@ def test_cost_matrices_and_their_rounding_bound():
     b = {k: b[k] for k in a}
     sizes = perm_sizes(spec, a)
     perm = random_permutation(spec, a, seed=8)
-    costs = Costs(spec, a, b, sizes)
-    for p, axes in spec.perm_to_axes.items():
-        n = sizes[p]
-        exact = sum(a[k].double().movedim(ax, 0).reshape(n, -1)
-                    @ get_permuted_param(spec, perm, k, b, except_axis=ax).double().movedim(ax, 0).reshape(n, -1).T
-                    for k, ax in axes)
-        err = (costs.matrix(p, perm).double() - exact).abs()
+    return spec, a, b, sizes, perm, Costs(spec, a, b, sizes)
+
+
+def _exact_cost(spec, a, b, sizes, perm, p):
+    """C_p built from scratch in float64."""
+    from lmcx.permutation import get_permuted_param
+
+    n = sizes[p]
+    return sum(a[k].double().movedim(ax, 0).reshape(n, -1)
+               @ get_permuted_param(spec, perm, k, b, except_axis=ax).double().movedim(ax, 0).reshape(n, -1).T
+               for k, ax in spec.perm_to_axes[p])
+
+
+def test_cost_matrices_and_their_rounding_bound():
+    """Costs.matrix equals the cost built from scratch in float64 within Costs' own rounding bound."""
+    spec, a, b, sizes, perm, costs = _costs_of_a_resnet20_pair()
+    for p in spec.names:
+        err = (costs.matrix(p, perm).double() - _exact_cost(spec, a, b, sizes, perm, p)).abs()
         bound = costs.rounding_gamma(p) * torch.outer(*costs.row_norms(p))
         assert (err <= bound).all() and err.max() > 0, p  # inexact, yet within the bound
         assert costs.gamma[p] < 1e-3
@@ -281,16 +292,9 @@ def test_cost_matrices_and_their_rounding_bound():
 def test_kept_products_are_updated_within_their_widened_bound():
     """After a permutation moves a few units, the kept products it touches are updated (not made anew),
     and the cost matrices stay within rounding_gamma's bound of a float64 recomputation."""
-    from lmcx.permutation import get_permuted_param, perm_sizes
-    from lmcx.permutation.wm_costs import MAX_UPDATES, Costs
+    from lmcx.permutation.wm_costs import MAX_UPDATES
 
-    spec, a = _resnet20(6)
-    _, b = _resnet20(7)
-    a = {k: v for k, v in a.items() if v.is_floating_point()}
-    b = {k: b[k] for k in a}
-    sizes = perm_sizes(spec, a)
-    perm = random_permutation(spec, a, seed=8)
-    costs = Costs(spec, a, b, sizes)
+    spec, a, b, sizes, perm, costs = _costs_of_a_resnet20_pair()
     for p in spec.names:
         costs.matrix(p, perm)
     gen = torch.Generator().manual_seed(0)
@@ -300,12 +304,8 @@ def test_kept_products_are_updated_within_their_widened_bound():
             moved = perm[q].clone()
             moved[[i, j]] = moved[[j, i]]
             perm = {**perm, q: moved}
-        for p, axes in spec.perm_to_axes.items():
-            n = sizes[p]
-            exact = sum(a[k].double().movedim(ax, 0).reshape(n, -1)
-                        @ get_permuted_param(spec, perm, k, b, except_axis=ax).double().movedim(ax, 0).reshape(n, -1).T
-                        for k, ax in axes)
-            err = (costs.matrix(p, perm).double() - exact).abs()
+        for p in spec.names:
+            err = (costs.matrix(p, perm).double() - _exact_cost(spec, a, b, sizes, perm, p)).abs()
             assert (err <= costs.rounding_gamma(p) * torch.outer(*costs.row_norms(p))).all(), p
         updates = [t.updates for terms in costs.terms.values() for t in terms if t.keeps]
         assert max(updates) == (step + 1) % (MAX_UPDATES + 1)  # 0: made anew after MAX_UPDATES
