@@ -157,7 +157,9 @@ def _compare(reference: nn.Module, spec: PermutationSpec, perm: Mapping[str, Per
     every entry is its own tensor, so what one run updates in place (BN statistics) the other never sees."""
     from ..models import forward_hooks  # here: lmcx.models itself imports lmcx.permutation
 
-    permuted = {k: v.clone() for k, v in apply_permutation(spec, perm, reference.state_dict()).items()}
+    state = reference.state_dict()
+    permuted = {k: v.clone() if v.data_ptr() == state[k].data_ptr() else v  # unpermuted entries alias the state
+                for k, v in apply_permutation(spec, perm, state).items()}
     points = sorted({name for names in spec.activation_points.values() for name in names})
     for training in (False, True):
         outputs, acts = [], []
