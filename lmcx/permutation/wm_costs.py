@@ -1,12 +1,17 @@
 """The arithmetic of weight matching: cost matrices, how far their rounding can move a gain, and the
 exact float64 value of the objective and of a candidate's gain.
 
-`Costs` holds, for every permutation p and every (param, axis) it acts on (a "term"), A's slice matrix
-`A(axis→0).reshape(n, -1)` and B with that axis first, both contiguous and made once (a term on axis 0 is
-a view; others cost one copy of that parameter per model). A cost matrix is then the sum over p's terms
-of `A_t @ B'_tᵀ`, where B'_t is B_t with the other axes' current permutations applied: one index_select
-per other permuted axis, no transposing copies. The terms without other permuted axes (biases, norm
-parameters, a first layer's weight, a classifier's) never change: their sum is computed once per p.
+`Costs` holds, for every permutation p and every (param, axis) it acts on (a "term"), A and B laid out
+so that the term's product is one GEMM and the other axes' permutations are cheap to apply. A cost
+matrix is the sum over p's terms of `A_t @ B'_tᵀ`, A_t being `A(axis→0).reshape(n, -1)` and B'_t the same
+of B with the other axes' current permutations applied (one index_select per other permuted axis):
+  - a term on axis 0 (a layer's outputs) uses A and B as they lie (views): `A_t @ B'_tᵀ`;
+  - a term on another axis (a layer's inputs) keeps that axis last, `X = W(axis→-1).reshape(-1, n)`, and
+    computes `X_Aᵀ @ X_B'`: a Linear weight is then used as it lies, a conv weight's A costs one copy
+    (channels last), and B's other permutation (its output axis, now first) gathers whole contiguous
+    slices straight from a view of B, with no copy of B made beforehand.
+The terms without other permuted axes (biases, norm parameters, a first layer's weight, a classifier's)
+never change: their sum is computed once per p.
 
 Each other term's product `A_t @ B'_tᵀ` is kept (where it is no larger than the term itself, n ≤ fan)
 with the permutations it was made at. Asked again, it is reused if they are the same; if one of them
@@ -46,8 +51,10 @@ UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 class Term:
     key: str
     axis: int
-    a: torch.Tensor  # A[key] with `axis` first, as (n, rest), contiguous
-    b: torch.Tensor  # B[key] with `axis` first, not flattened, contiguous
+    n: int  # units
+    unit_dim: int  # where the units lie in `a` and `b`: 0, or the last axis (see the module docstring)
+    a: torch.Tensor  # A[key] with `axis` moved to `unit_dim`, contiguous
+    b: torch.Tensor  # B[key] in the same layout, a view
     others: list[tuple[int, str, int]]  # (axis in `b`, permutation, block size) of the other permuted axes
     kept: torch.Tensor | None = None  # A_t @ B'_tᵀ at the permutations `kept_at` (see the module docstring)
     kept_at: tuple[torch.Tensor, ...] = ()
@@ -55,12 +62,22 @@ class Term:
 
     @property
     def fan(self) -> int:
-        return self.a.shape[1]
+        return self.a.numel() // self.n
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x (laid out like `b`) as the (n, fan) matrix of the module docstring: a view where x is contiguous."""
+        return x.reshape(self.n, -1) if self.unit_dim == 0 else x.reshape(-1, self.n).T
+
+    def unit_norms(self, x: torch.Tensor) -> torch.Tensor:
+        """‖row i‖ of `rows(x)`, without copying a view whose units lie last."""
+        if self.unit_dim == 0:
+            return torch.linalg.vector_norm(x.reshape(self.n, -1), dim=1)
+        return torch.linalg.vector_norm(x, dim=list(range(x.ndim - 1)))
 
     @property
     def keeps(self) -> bool:
         """Whether its product is kept: only where that is no larger than the term (n ≤ fan)."""
-        return bool(self.others) and self.a.shape[0] <= self.fan
+        return bool(self.others) and self.n <= self.fan
 
 
 class Costs:
@@ -80,10 +97,12 @@ class Costs:
             for key, axis in axes:
                 if key not in a:
                     continue
-                others = [(ax if ax > axis else ax + 1, q, block_size(spec, key, ax))
+                # units last (module docstring), but not for blocks: a block must be a row's contiguous part
+                to = 0 if axis == 0 or block_size(spec, key, axis) > 1 else a[key].ndim - 1
+                others = [(_moved(ax, axis, to), q, block_size(spec, key, ax))
                           for ax, q in enumerate(spec.axes_to_perm[key]) if q is not None and ax != axis]
-                terms.append(Term(key, axis, torch.movedim(a[key], axis, 0).reshape(n, -1).contiguous(),
-                                  torch.movedim(b[key], axis, 0).contiguous(), others))
+                terms.append(Term(key, axis, n, to, torch.movedim(a[key], axis, to).contiguous(),
+                                  torch.movedim(b[key], axis, to), others))
             self.terms[p] = terms
             if terms:
                 unit = UNIT_ROUNDOFF.get(terms[0].a.dtype, 2.0 ** -24)
@@ -131,13 +150,11 @@ class Costs:
     def _update(self, t: Term, units: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
         """kept += A_t[:, units] @ (B_t[:, new[units]] − B_t[:, old[units]])ᵀ on t's one other axis."""
         ax, _, k = t.others[0]
-        n = t.a.shape[0]
-        cols = expand_blocks(units, k)
-        a_moved = t.a.view(t.b.shape).index_select(ax, cols).reshape(n, -1)
+        a_moved = t.rows(t.a.index_select(ax, expand_blocks(units, k)))
         b_diff = t.b.index_select(ax, expand_blocks(new[units], k)) - t.b.index_select(ax, expand_blocks(old[units], k))
-        t.kept.addmm_(a_moved, b_diff.reshape(n, -1).T)
+        t.kept.addmm_(a_moved, t.rows(b_diff).T)
         t.updates += 1
-        self.flops += 2 * n * n * a_moved.shape[1]
+        self.flops += 2 * t.n * a_moved.numel()
 
     def _product(self, terms: list[Term], perm: Mapping[str, Permutation],
                  cost: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -145,21 +162,21 @@ class Costs:
             wb = t.b
             for ax, q, k in t.others:
                 wb = wb.index_select(ax, expand_blocks(perm[q], k))
-            wb = wb.reshape(t.a.shape[0], -1)
+            wa, wb = t.rows(t.a), t.rows(wb)
             if cost is None:
-                cost = t.a @ wb.T
+                cost = wa @ wb.T
             else:
-                cost.addmm_(t.a, wb.T)
-            self.flops += 2 * t.a.shape[0] ** 2 * t.fan
+                cost.addmm_(wa, wb.T)
+            self.flops += 2 * t.n ** 2 * t.fan
         return cost
 
     def row_norms(self, p: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖A row i‖, ‖B row j‖) of p over all its terms, float64 on the CPU; computed on first use
         (only candidates that differ from the current assignment need them)."""
         if p not in self._row_norms:
-            n = self.sizes[p]
-            self._row_norms[p] = (_row_norms([t.a for t in self.terms[p]]),
-                                  _row_norms([t.b.reshape(n, -1) for t in self.terms[p]]))
+            terms = self.terms[p]
+            self._row_norms[p] = (_side_by_side([t.unit_norms(t.a) for t in terms]),
+                                  _side_by_side([t.unit_norms(t.b) for t in terms]))
         return self._row_norms[p]
 
     def rounding(self, p: str, rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> float:
@@ -168,9 +185,18 @@ class Costs:
         return self.rounding_gamma(p) * float((na[rows] * (nb[new[rows]] + nb[old[rows]])).sum())
 
 
-def _row_norms(matrices: list[torch.Tensor]) -> torch.Tensor:
-    """‖row i‖ of the matrices side by side, float64 on the CPU."""
-    return torch.stack([torch.linalg.vector_norm(m, dim=1).double() for m in matrices]).square().sum(0).sqrt().cpu()
+def _moved(ax: int, axis: int, to: int) -> int:
+    """Where axis `ax` lies after `torch.movedim(x, axis, to)`."""
+    if axis < ax <= to:
+        return ax - 1
+    if to <= ax < axis:
+        return ax + 1
+    return ax
+
+
+def _side_by_side(norms: list[torch.Tensor]) -> torch.Tensor:
+    """‖row i‖ of matrices side by side, from each one's row norms; float64 on the CPU."""
+    return torch.stack([v.double() for v in norms]).square().sum(0).sqrt().cpu()
 
 
 def _sliced_dot64(wa: torch.Tensor, wb: torch.Tensor, axis: int, rows: torch.Tensor, rows_b: torch.Tensor,
