@@ -92,6 +92,7 @@ class Costs:
         self.gamma: dict[str, float] = {}
         self._row_norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # made when first needed
         self.updates: dict[str, int] = {}  # per p: the most updates among the kept products of its last cost
+        self._buffer: torch.Tensor | None = None  # see _permuted_b
         for p, axes in spec.perm_to_axes.items():
             n, terms = sizes[p], []
             for key, axis in axes:
@@ -159,16 +160,26 @@ class Costs:
     def _product(self, terms: list[Term], perm: Mapping[str, Permutation],
                  cost: torch.Tensor | None = None) -> torch.Tensor | None:
         for t in terms:
-            wb = t.b
-            for ax, q, k in t.others:
-                wb = wb.index_select(ax, expand_blocks(perm[q], k))
-            wa, wb = t.rows(t.a), t.rows(wb)
+            wa, wb = t.rows(t.a), t.rows(self._permuted_b(t, perm))
             if cost is None:
                 cost = wa @ wb.T
             else:
                 cost.addmm_(wa, wb.T)
             self.flops += 2 * t.n ** 2 * t.fan
         return cost
+
+    def _permuted_b(self, t: Term, perm: Mapping[str, Permutation]) -> torch.Tensor:
+        """B'_t: t's B with the other axes' permutations applied. The last gather writes into one buffer
+        reused by every product: a fresh tensor of this size would cost a page fault per 4 KB touched."""
+        wb = t.b
+        for i, (ax, q, k) in enumerate(t.others):
+            out = None
+            if i == len(t.others) - 1:
+                if self._buffer is None or self._buffer.numel() < wb.numel():
+                    self._buffer = torch.empty(wb.numel(), dtype=wb.dtype, device=wb.device)
+                out = self._buffer[:wb.numel()].view(wb.shape)
+            wb = torch.index_select(wb, ax, expand_blocks(perm[q], k), out=out)
+        return wb
 
     def row_norms(self, p: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖A row i‖, ‖B row j‖) of p over all its terms, float64 on the CPU; computed on first use
