@@ -35,6 +35,7 @@ exact up to float64 summation error; they read a few slices at a time (small tem
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -53,8 +54,8 @@ class Term:
     axis: int
     n: int  # units
     unit_dim: int  # where the units lie in `a` and `b`: 0, or the last axis (see the module docstring)
-    a: torch.Tensor  # A[key] with `axis` moved to `unit_dim`, contiguous
-    b: torch.Tensor  # B[key] in the same layout, a view
+    a: torch.Tensor  # A[key] with `axis` moved to `unit_dim`: a view, like
+    b: torch.Tensor  # B[key] (see the module docstring)
     others: list[tuple[int, str, int]]  # (axis in `b`, permutation, block size) of the other permuted axes
     kept: torch.Tensor | None = None  # A_t @ B'_tᵀ at the permutations `kept_at` (see the module docstring)
     kept_at: tuple[torch.Tensor, ...] = ()
@@ -69,10 +70,10 @@ class Term:
         return x.reshape(self.n, -1) if self.unit_dim == 0 else x.reshape(-1, self.n).T
 
     def unit_norms(self, x: torch.Tensor) -> torch.Tensor:
-        """‖row i‖ of `rows(x)`, without copying a view whose units lie last."""
-        if self.unit_dim == 0:
-            return torch.linalg.vector_norm(x.reshape(self.n, -1), dim=1)
-        return torch.linalg.vector_norm(x, dim=list(range(x.ndim - 1)))
+        """‖row i‖ of `rows(x)`, read from the parameter as it lies (x laid out like `b`): no copy."""
+        y = x.movedim(self.unit_dim, self.axis)
+        per_unit = y.reshape(math.prod(y.shape[:self.axis]), self.n, -1)  # blocks of a unit: its last dim
+        return torch.linalg.vector_norm(per_unit, dim=(0, 2))
 
     @property
     def keeps(self) -> bool:
@@ -92,7 +93,7 @@ class Costs:
         self.gamma: dict[str, float] = {}
         self._row_norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # made when first needed
         self.updates: dict[str, int] = {}  # per p: the most updates among the kept products of its last cost
-        self._buffer: torch.Tensor | None = None  # see _permuted_b
+        self._buffers: list[torch.Tensor | None] = [None, None]  # see _buffer
         for p, axes in spec.perm_to_axes.items():
             n, terms = sizes[p], []
             for key, axis in axes:
@@ -102,8 +103,8 @@ class Costs:
                 to = 0 if axis == 0 or block_size(spec, key, axis) > 1 else a[key].ndim - 1
                 others = [(_moved(ax, axis, to), q, block_size(spec, key, ax))
                           for ax, q in enumerate(spec.axes_to_perm[key]) if q is not None and ax != axis]
-                terms.append(Term(key, axis, n, to, torch.movedim(a[key], axis, to).contiguous(),
-                                  torch.movedim(b[key], axis, to), others))
+                terms.append(Term(key, axis, n, to, torch.movedim(a[key], axis, to), torch.movedim(b[key], axis, to),
+                                  others))
             self.terms[p] = terms
             if terms:
                 unit = UNIT_ROUNDOFF.get(terms[0].a.dtype, 2.0 ** -24)
@@ -160,7 +161,7 @@ class Costs:
     def _product(self, terms: list[Term], perm: Mapping[str, Permutation],
                  cost: torch.Tensor | None = None) -> torch.Tensor | None:
         for t in terms:
-            wa, wb = t.rows(t.a), t.rows(self._permuted_b(t, perm))
+            wa, wb = t.rows(self._laid_out(t.a, 0)), t.rows(self._permuted_b(t, perm))
             if cost is None:
                 cost = wa @ wb.T
             else:
@@ -169,17 +170,25 @@ class Costs:
         return cost
 
     def _permuted_b(self, t: Term, perm: Mapping[str, Permutation]) -> torch.Tensor:
-        """B'_t: t's B with the other axes' permutations applied. The last gather writes into one buffer
-        reused by every product: a fresh tensor of this size would cost a page fault per 4 KB touched."""
+        """B'_t: t's B with the other axes' permutations applied, contiguous (the last gather writes into
+        buffer 1)."""
         wb = t.b
         for i, (ax, q, k) in enumerate(t.others):
-            out = None
-            if i == len(t.others) - 1:
-                if self._buffer is None or self._buffer.numel() < wb.numel():
-                    self._buffer = torch.empty(wb.numel(), dtype=wb.dtype, device=wb.device)
-                out = self._buffer[:wb.numel()].view(wb.shape)
+            out = self._buffer(1, wb) if i == len(t.others) - 1 else None
             wb = torch.index_select(wb, ax, expand_blocks(perm[q], k), out=out)
-        return wb
+        return self._laid_out(wb, 1)
+
+    def _laid_out(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """x, or a contiguous copy of it in buffer `which` (a conv weight's units moved last)."""
+        return x if x.is_contiguous() else self._buffer(which, x).copy_(x)
+
+    def _buffer(self, which: int, like: torch.Tensor) -> torch.Tensor:
+        """Buffer `which` (0: A's operand, 1: B's) as an empty contiguous tensor shaped like `like`. Every
+        product reuses these: a fresh tensor of a weight's size costs a page fault per 4 KB touched."""
+        buf = self._buffers[which]
+        if buf is None or buf.numel() < like.numel():
+            buf = self._buffers[which] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        return buf[:like.numel()].view(like.shape)
 
     def row_norms(self, p: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖A row i‖, ‖B row j‖) of p over all its terms, float64 on the CPU; computed on first use
