@@ -53,7 +53,7 @@ from .. import progress
 from ..errors import LmcxError
 from .distance import is_float
 from .spec import Permutation, PermutationSpec, StateDict, block_size, check_permutation, perm_sizes
-from .wm_costs import Costs, exact_gain, inner
+from .wm_costs import Costs, exact_gain, inners
 
 __all__ = ["WeightMatchingResult", "weight_matching", "matchable_params"]
 
@@ -217,19 +217,27 @@ class _Search:
         self.touched = {p: sorted({k for k, _ in axes if k in a}) for p, axes in spec.perm_to_axes.items()}
         self.volume = {p: sum(a[k].numel() for k in keys) for p, keys in self.touched.items()}  # elements p touches
         self.budget = 0.0  # elements the exact gains of this sweep may still read (see `improve`)
-        # ||θ_A||² + ||θ_B||², for the stopping rule and the progress display only: float32 norms suffice
-        self.norms = math.fsum(float(torch.linalg.vector_norm(x[k])) ** 2 for x in (a, b) for k in keys)
-        self.current = self.exact_objective(identity=init_is_identity)
-        self.objective = [self.current]
+        self.start = None if init_is_identity else perm  # None: the identity
+        self.norms = math.nan  # ||θ_A||² + ||θ_B||² (for the stopping rule and the progress display), and
+        self.current = math.nan  # the objective: both set by the first exact pass (`run`, `forward`)
+        self.objective: list[float] = []
         self.clock = 0  # bumped on every accepted change
         self.changed_at = {p: 0 for p in spec.names}
         self.solved_at = {p: -1 for p in spec.names}  # clock of p's last solve with its full cost
         self.lap_seconds, self.solves, self.iterations, self.exact_checks = 0.0, 0, 0, 0
         self.stop = "no improvement"
 
-    def exact_objective(self, identity: bool = False) -> float:
-        """Σ ⟨θ_A, π(θ_B)⟩ in float64; `identity`: π is the identity (read B as it lies)."""
-        return math.fsum(inner(self.spec, None if identity else self.perm, k, self.a, self.b) for k in self.keys)
+    def exact_objective(self, *perms: Mapping[str, torch.Tensor] | None) -> list[float]:
+        """Σ ⟨θ_A, π(θ_B)⟩ in float64 for each π of `perms` (default: the current one; None: the
+        identity), in one pass over the parameters, which also sets `norms`."""
+        perms = perms or (self.perm,)
+        values, norms = [], []
+        for k in self.keys:
+            v, n = inners(self.spec, list(perms), k, self.a, self.b)
+            values.append(v)
+            norms.append(n)
+        self.norms = math.fsum(norms)
+        return [math.fsum(column) for column in zip(*values)] if values else [0.0] * len(perms)
 
     def distance2(self) -> float:
         """||θ_A − π(θ_B)||² over the matched parameters."""
@@ -248,6 +256,9 @@ class _Search:
     def run(self, max_iter: int, seed: int, tol: float, forward_start: bool, bar) -> None:
         gen = torch.Generator().manual_seed(seed)
         names = self.spec.names
+        if not (forward_start and max_iter > 0):  # else the forward start reads the start with its own result
+            self.current, = self.exact_objective(self.start)
+            self.objective = [self.current]
         for sweep in range(max_iter):
             self.iterations += 1
             before, moved = self.current, 0
@@ -260,7 +271,7 @@ class _Search:
                     moved += units
                     inexact |= not exact
                 if inexact:  # gains read off cost matrices: make the record exact again
-                    self.current = self.exact_objective()
+                    self.current, = self.exact_objective()
             self.objective.append(self.current)
             bar.advance(1, l2=lambda: math.sqrt(self.distance2()), moved=moved, solves=self.solves)
             if sweep == 0 and forward_start:
@@ -348,7 +359,8 @@ class _Search:
                 self.perm = {**self.perm, p: new}
                 clock += 1
                 self.changed_at[p] = clock
-        value = self.exact_objective()
+        self.current, value = self.exact_objective(self.start, self.perm)  # where it began, where it ends
+        self.objective = [self.current]
         if value <= self.current:  # not better than where it began: forget it
             self.perm = start
             self.changed_at = {p: 0 for p in self.spec.names}

@@ -30,7 +30,7 @@ term updated m times is within (1 + 3m)·γ_K of exact (γ_K ≥ u). A candidate
 matrix is therefore known up to `rounding` (summed over the rows that moved), and only a gain within
 that bound of the acceptance threshold needs the exact check.
 
-Exact values (`inner`, `exact_gain`): products of float32 numbers are exact in float64, so these are
+Exact values (`inners`, `exact_gain`): products of float32 numbers are exact in float64, so these are
 exact up to float64 summation error; they read a few slices at a time (small temporaries).
 """
 from __future__ import annotations
@@ -243,23 +243,34 @@ def _others(spec: PermutationSpec, perm: Mapping[str, Permutation], key: str, ax
             if q is not None and ax != axis]
 
 
-def inner(spec: PermutationSpec, perm: Mapping[str, Permutation] | None, key: str,
-          a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """⟨A[key], π(B)[key]⟩ in float64; `perm` None: the identity (nothing to gather)."""
+def inners(spec: PermutationSpec, perms: list[Mapping[str, Permutation] | None], key: str,
+           a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> tuple[list[float], float]:
+    """float64 ⟨A[key], π(B)[key]⟩ for each π of `perms` (None: the identity), and ‖A[key]‖² + ‖B[key]‖²,
+    in one pass that converts each slice of A once (a permutation keeps B's norm: it is read off the
+    first π(B))."""
     wa, wb = a[key], b[key]
     if wa.ndim == 0:
-        return (wa.double() * wb.double()).item()
-    q0 = spec.axes_to_perm[key][0]
-    rows_b = None if q0 is None or perm is None else axis_index(spec, key, 0, perm[q0])
-    others = [] if perm is None else _others(spec, perm, key, 0)
+        x, y = wa.double(), wb.double()
+        return [(x * y).item()] * len(perms), (x * x + y * y).item()
+    picks = []  # per π: B's row index (None: as it lies) and the other axes' indices
+    for perm in perms:
+        q0 = spec.axes_to_perm[key][0]
+        rows_b = None if q0 is None or perm is None else axis_index(spec, key, 0, perm[q0])
+        picks.append((rows_b, [] if perm is None else _others(spec, perm, key, 0)))
     step = max(1, CHUNK_ELEMS // max(1, wa[0].numel()))
-    total = torch.zeros((), dtype=torch.float64, device=wa.device)
-    for s in range(0, wa.shape[0], step):  # A's slices as they lie; B's as the permutations pick them
-        xb = wb[s:s + step] if rows_b is None else wb.index_select(0, rows_b[s:s + step])
-        for ax, idx in others:
-            xb = xb.index_select(ax, idx)
-        total += torch.dot(wa[s:s + step].double().reshape(-1), xb.double().reshape(-1))
-    return total.item()
+    totals = torch.zeros(len(perms) + 1, dtype=torch.float64, device=wa.device)  # the last: the squared norms
+    for s in range(0, wa.shape[0], step):  # A's slices as they lie; B's as each π picks them
+        xa = wa[s:s + step].double().reshape(-1)
+        for i, (rows_b, others) in enumerate(picks):
+            xb = wb[s:s + step] if rows_b is None else wb.index_select(0, rows_b[s:s + step])
+            for ax, idx in others:
+                xb = xb.index_select(ax, idx)
+            xb = xb.double().reshape(-1)
+            totals[i] += torch.dot(xa, xb)
+            if i == 0:
+                totals[-1] += torch.dot(xa, xa) + torch.dot(xb, xb)
+    values = totals.tolist()
+    return values[:-1], values[-1]
 
 
 def exact_gain(spec: PermutationSpec, perm: Mapping[str, Permutation], new_perm: Mapping[str, Permutation], p: str,
@@ -271,7 +282,8 @@ def exact_gain(spec: PermutationSpec, perm: Mapping[str, Permutation], new_perm:
     """
     axes = [axis for axis, q in enumerate(spec.axes_to_perm[key]) if q == p]
     if len(axes) != 1:
-        return inner(spec, new_perm, key, a, b) - inner(spec, perm, key, a, b)
+        (after, before), _ = inners(spec, [new_perm, perm], key, a, b)
+        return after - before
     axis = axes[0]
     old, new = perm[p], new_perm[p]
     rows = torch.nonzero(old != new).flatten()
