@@ -225,6 +225,7 @@ class _Search:
         self.changed_at = {p: 0 for p in spec.names}
         self.solved_at = {p: -1 for p in spec.names}  # clock of p's last solve with its full cost
         self.lap_seconds, self.solves, self.iterations, self.exact_checks = 0.0, 0, 0, 0
+        self.cost64 = np.empty(0)  # see `solve`
         self.stop = "no improvement"
 
     def exact_objective(self, *perms: Mapping[str, torch.Tensor] | None) -> list[float]:
@@ -244,12 +245,20 @@ class _Search:
         return max(self.norms - 2 * self.current, 0.0)
 
     def solve(self, p: str, cost: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-        """The assignment maximising `cost` (as float64 numpy for the gain, and as a tensor on the device)."""
+        """The assignment maximising `cost` (as float64 numpy for the gain, valid until the next solve, and as
+        a tensor on the device). The float64 copy lives in one reused array, negated in place for scipy
+        (which would otherwise negate into a fresh one): fresh arrays of this size cost page faults."""
         progress.tick()
-        cost_np = cost.detach().to("cpu", torch.float64).numpy()
+        n = cost.shape[0]
+        if self.cost64.size < n * n:
+            self.cost64 = np.empty(n * n)
+        cost_np = self.cost64[:n * n].reshape(n, n)
+        torch.from_numpy(cost_np).copy_(cost.detach())
+        np.negative(cost_np, out=cost_np)
         t = time.perf_counter()
-        _, cols = self.lsa(cost_np, maximize=True)
+        _, cols = self.lsa(cost_np)
         self.lap_seconds += time.perf_counter() - t
+        np.negative(cost_np, out=cost_np)
         self.solves += 1
         return cost_np, torch.from_numpy(np.asarray(cols, dtype=np.int64)).to(self.perm[p].device)
 

@@ -186,8 +186,9 @@ class Costs:
         """Buffer `which` (0: A's operand, 1: B's) as an empty contiguous tensor shaped like `like`. Every
         product reuses these: a fresh tensor of a weight's size costs a page fault per 4 KB touched."""
         buf = self._buffers[which]
-        if buf is None or buf.numel() < like.numel():
-            buf = self._buffers[which] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        if buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype:  # made once, at the largest size
+            size = max([like.numel()] + [t.a.numel() for terms in self.terms.values() for t in terms])
+            buf = self._buffers[which] = torch.empty(size, dtype=like.dtype, device=like.device)
         return buf[:like.numel()].view(like.shape)
 
     def row_norms(self, p: str) -> tuple[torch.Tensor, torch.Tensor]:
