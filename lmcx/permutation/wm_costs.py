@@ -259,7 +259,7 @@ def inners(spec: PermutationSpec, perms: list[Mapping[str, Permutation] | None],
         rows_b = None if q0 is None or perm is None else axis_index(spec, key, 0, perm[q0])
         picks.append((rows_b, [] if perm is None else _others(spec, perm, key, 0)))
     step = max(1, CHUNK_ELEMS // max(1, wa[0].numel()))
-    totals = torch.zeros(len(perms) + 1, dtype=torch.float64, device=wa.device)  # the last: the squared norms
+    dots: list[list[torch.Tensor]] = [[] for _ in range(len(perms) + 1)]  # per π, and the last: squared norms
     for s in range(0, wa.shape[0], step):  # A's slices as they lie; B's as each π picks them
         xa = wa[s:s + step].double().reshape(-1)
         for i, (rows_b, others) in enumerate(picks):
@@ -267,10 +267,10 @@ def inners(spec: PermutationSpec, perms: list[Mapping[str, Permutation] | None],
             for ax, idx in others:
                 xb = xb.index_select(ax, idx)
             xb = xb.double().reshape(-1)
-            totals[i] += torch.dot(xa, xb)
+            dots[i].append(torch.dot(xa, xb))
             if i == 0:
-                totals[-1] += torch.dot(xa, xa) + torch.dot(xb, xb)
-    values = totals.tolist()
+                dots[-1] += [torch.dot(xa, xa), torch.dot(xb, xb)]
+    values = torch.stack([torch.stack(d).sum() for d in dots]).tolist()  # a few ops, not one per slice
     return values[:-1], values[-1]
 
 
