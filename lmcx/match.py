@@ -8,7 +8,8 @@ One B:
   permuted.safetensors   B permuted into A's frame: an ordinary checkpoint (info: permuted_from, method,
                          matched_to, plus B's own info)
   metrics.json           written last (the completeness marker): method, settings, iterations, objective
-                         per sweep (wm) and which tensors it sums over (wm_objective), L2 distance to A
+                         per sweep (wm; within objective_error of exact) and which tensors it sums over
+                         (wm_objective), L2 distance to A
                          before and after over the trainable parameters (l2_definition; total and per parameter),
                          seconds, LAP seconds, method details (am: correlations; ste: losses, history),
                          and `outputs: [{source, permutation, permuted}]`
@@ -83,6 +84,7 @@ def match_pair(spec, a: Checkpoint, b: Checkpoint, cfg: MatchConfig, device: tor
         r = weight_matching(spec, sa, sb, max_iter=cfg.max_iter, seed=cfg.seed, start=cfg.start, tol=cfg.tol,
                             show_progress=True, keys=objective_keys(parameter_names(a), cfg.wm_objective))
         return r.perm, {"iterations": r.iterations, "converged": r.converged, "stop": r.stop, "objective": r.objective,
+                        "objective_error": r.objective_error,
                         "solves": r.solves, "lap_seconds": r.lap_seconds, "match_seconds": r.seconds}
     model_a = build_from_checkpoint(a, device)
     model_b = build_from_checkpoint(b, device)

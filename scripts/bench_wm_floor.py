@@ -97,10 +97,10 @@ class Recorder:
             return o_estimate(self_, p, cost_np, rows, new, old)
 
         def improve(self_, p):
-            units, exact = o_improve(self_, p)
+            units = o_improve(self_, p)
             if units:
                 rec.candidates[-1]["accepted"] = True
-            return units, exact
+            return units
 
         def forward(self_):
             rec.forward_moved = o_forward(self_)

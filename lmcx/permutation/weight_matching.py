@@ -32,12 +32,17 @@ Re-Basin, PLeaS and rebasin (`distance.objective_keys`, `match.wm_objective`).
 
 Numerics (wm_costs.py): cost matrices are built with torch on the parameters' device in float32
 (float64 when the parameters are float64); only the n×n cost goes to numpy for
-`scipy.optimize.linear_sum_assignment`. A candidate assignment is accepted only if it strictly improves
-the objective (by more than `REL_TOL·|objective|`): its gain read off the cost matrix decides when it
-clears that threshold by more than the matrix's rounding bound either way; otherwise the gain is
-recomputed exactly in float64 from the units that moved. The recorded objective is exact (float64):
-after a sweep that accepted a gain read off a cost matrix it is recomputed. So it never decreases, ties
-never ping-pong, and a sweep in which nothing was accepted ends the search.
+`scipy.optimize.linear_sum_assignment`. Every decision is rigorous: a candidate assignment is accepted
+only if it strictly improves the objective (by more than `REL_TOL·|objective|`), which its gain read
+off the cost matrix decides when it clears that threshold by more than the matrix's rounding bound
+either way; otherwise the gain is computed exactly in float64 from the units that moved. Likewise the
+forward start is kept only if its value, read off its own solves' cost matrices (each parameter is
+read in the solve that decided the last of its permutations), beats the start by more than that
+reading's rounding bound, else it is computed exactly. So the objective never decreases, ties never
+ping-pong, and a sweep in which nothing was accepted ends the search. The record: `objective[0]` is
+exact (float64); later values add up gains as decided, each within its rounding bound, and
+`objective_error` bounds their distance from the exact values (a worst case: float32 products err far
+less in practice). An exact float64 pass over every parameter would cost more than all the decisions.
 """
 from __future__ import annotations
 
@@ -67,8 +72,9 @@ class WeightMatchingResult:
     """Outcome of `weight_matching`.
 
     `perm` is the permutation to apply to model B (`apply_permutation(spec, perm, params_b)`), as CPU
-    int64 tensors. `objective[0]` is `Σ ⟨θ_A, π(θ_B)⟩` at the initial permutation and `objective[i]` its
-    value after sweep i (float64, exact); it never decreases. `iterations` counts sweeps (the forward
+    int64 tensors. `objective[0]` is `Σ ⟨θ_A, π(θ_B)⟩` at the initial permutation (float64, exact) and
+    `objective[i]` its value after sweep i, within `objective_error` of exact (module docstring); it
+    never decreases. `iterations` counts sweeps (the forward
     start is the first), including the final one that found no (or too little) improvement.
     `lap_seconds` is the time spent inside `linear_sum_assignment`, `seconds` the whole call. `stop`
     says why the search ended: "no improvement", "tolerance" (a sweep gained less than `tol`) or
@@ -84,6 +90,7 @@ class WeightMatchingResult:
     solves: int = 0  # linear assignments solved (permutations skipped because nothing they depend on changed are not counted)
     stop: str = "no improvement"
     exact_checks: int = 0  # candidates whose gain was too close to the threshold to decide without float64
+    objective_error: float = 0.0  # bound on |objective[i] − its exact value| for every i (0: all exact)
 
 
 def matchable_params(spec: PermutationSpec, params_a: StateDict, params_b: StateDict) -> list[str]:
@@ -200,6 +207,7 @@ def weight_matching(
         solves=search.solves,
         stop=search.stop,
         exact_checks=search.exact_checks,
+        objective_error=search.error,
     )
 
 
@@ -215,11 +223,11 @@ class _Search:
         self.costs = Costs(spec, a, b, sizes)
         self.deps = _dependencies(spec)
         self.touched = {p: sorted({k for k, _ in axes if k in a}) for p, axes in spec.perm_to_axes.items()}
-        self.volume = {p: sum(a[k].numel() for k in keys) for p, keys in self.touched.items()}  # elements p touches
-        self.budget = 0.0  # elements the exact gains of this sweep may still read (see `improve`)
         self.start = None if init_is_identity else perm  # None: the identity
-        self.norms = math.nan  # ||θ_A||² + ||θ_B||² (for the stopping rule and the progress display), and
-        self.current = math.nan  # the objective: both set by the first exact pass (`run`, `forward`)
+        self.key_norms: dict[str, float] = {}  # ||A[k]||² + ||B[k]||², set by the exact pass of the start
+        self.norms = math.nan  # their sum, for the stopping rule and the progress display
+        self.current = math.nan  # the objective (exact at the start, see the module docstring) and
+        self.error = 0.0  # the bound on its distance from the exact value
         self.objective: list[float] = []
         self.clock = 0  # bumped on every accepted change
         self.changed_at = {p: 0 for p in spec.names}
@@ -232,12 +240,11 @@ class _Search:
         """Σ ⟨θ_A, π(θ_B)⟩ in float64 for each π of `perms` (default: the current one; None: the
         identity), in one pass over the parameters, which also sets `norms`."""
         perms = perms or (self.perm,)
-        values, norms = [], []
+        values = []
         for k in self.keys:
-            v, n = inners(self.spec, list(perms), k, self.a, self.b)
+            v, self.key_norms[k] = inners(self.spec, list(perms), k, self.a, self.b)
             values.append(v)
-            norms.append(n)
-        self.norms = math.fsum(norms)
+        self.norms = math.fsum(self.key_norms.values())
         return [math.fsum(column) for column in zip(*values)] if values else [0.0] * len(perms)
 
     def distance2(self) -> float:
@@ -265,22 +272,16 @@ class _Search:
     def run(self, max_iter: int, seed: int, tol: float, forward_start: bool, bar) -> None:
         gen = torch.Generator().manual_seed(seed)
         names = self.spec.names
-        if not (forward_start and max_iter > 0):  # else the forward start reads the start with its own result
-            self.current, = self.exact_objective(self.start)
-            self.objective = [self.current]
+        self.current, = self.exact_objective(self.start)
+        self.objective = [self.current]
         for sweep in range(max_iter):
             self.iterations += 1
             before, moved = self.current, 0
             if sweep == 0 and forward_start:
                 moved = self.forward()
             else:
-                inexact, self.budget = False, 2 * sum(self.a[k].numel() for k in self.keys)
                 for idx in torch.randperm(len(names), generator=gen).tolist():
-                    units, exact = self.improve(names[idx])
-                    moved += units
-                    inexact |= not exact
-                if inexact:  # gains read off cost matrices: make the record exact again
-                    self.current, = self.exact_objective()
+                    moved += self.improve(names[idx])
             self.objective.append(self.current)
             bar.advance(1, l2=lambda: math.sqrt(self.distance2()), moved=moved, solves=self.solves)
             if sweep == 0 and forward_start:
@@ -292,44 +293,37 @@ class _Search:
                 return
         self.stop = "max_iter" if max_iter > 0 else "no improvement"
 
-    def improve(self, p: str) -> tuple[int, bool]:
-        """Re-solve p with its full cost; accept the answer if it raises the objective. Returns (units
-        moved, whether the accepted gain, if any, is exact)."""
+    def improve(self, p: str) -> int:
+        """Re-solve p with its full cost; accept the answer if it raises the objective. Returns the units moved."""
         if self.solved_at[p] >= 0 and all(self.changed_at[q] <= self.solved_at[p] for q in self.deps[p]):
-            return 0, True  # same cost matrix as at its last solve: same answer
+            return 0  # same cost matrix as at its last solve: same answer
         self.solved_at[p] = self.clock
         cost = self.costs.matrix(p, self.perm)
         if cost is None:
-            return 0, True
+            return 0
         cost_np, new = self.solve(p, cost)
         old = self.perm[p]
         if torch.equal(new, old):
-            return 0, True
+            return 0
         new_cpu, old_cpu = new.cpu(), old.cpu()
         rows = torch.nonzero(new_cpu != old_cpu).flatten()
         threshold = REL_TOL * abs(self.current)
-        estimate, bound = self.estimate(p, cost_np, rows, new_cpu, old_cpu)
-        if estimate + bound <= threshold:  # not an improvement, whatever the rounding
-            return 0, True
-        # The exact gain reads 3 slices per moved unit; recomputing the objective reads everything twice.
-        # Below that, the exact gain keeps the record exact at less cost, even for a certain improvement.
-        reads = 3 * len(rows) / len(new) * self.volume[p]
-        certain = estimate - bound > threshold
-        if certain and reads > self.budget:
-            gain, exact = estimate, False
-        else:
-            self.budget -= reads
-            self.exact_checks += not certain
+        gain, bound = self.estimate(p, cost_np, rows, new_cpu, old_cpu)
+        if gain + bound <= threshold:  # not an improvement, whatever the rounding
+            return 0
+        if gain - bound <= threshold:  # too close to call from the cost matrix: the exact gain decides
+            self.exact_checks += 1
             candidate = {**self.perm, p: new}
-            gain, exact = math.fsum(exact_gain(self.spec, self.perm, candidate, p, k, self.a, self.b)
-                                    for k in self.touched[p]), True
+            gain, bound = math.fsum(exact_gain(self.spec, self.perm, candidate, p, k, self.a, self.b)
+                                    for k in self.touched[p]), 0.0
             if gain <= threshold:
-                return 0, True
+                return 0
         self.perm = {**self.perm, p: new}
         self.current += gain
+        self.error += bound
         self.clock += 1
         self.changed_at[p] = self.clock
-        return len(rows), exact
+        return len(rows)
 
     def estimate(self, p: str, cost_np: np.ndarray, rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor
                  ) -> tuple[float, float]:
@@ -349,6 +343,8 @@ class _Search:
         start = dict(self.perm)
         complete_at: dict[str, int] = {}
         clock = self.clock
+        value, bound = 0.0, 0.0  # the objective read off the solves' cost matrices, and its rounding bound
+        read: dict[str, int] = {}  # how often each parameter was read (once, unless the reading fails)
         while len(decided) < len(self.spec.names):
             def known(t) -> bool:
                 return all(q in decided for _, q, _ in t.others)
@@ -361,19 +357,32 @@ class _Search:
             if mass(p) == 0:
                 continue
             cost = self.costs.matrix(p, self.perm, use=known)
-            _, new = self.solve(p, cost)
+            cost_np, new = self.solve(p, cost)
+            # The cost's terms are those with every other permutation decided, now for good: at p's answer
+            # they read their parameters' whole alignment (p on two axes of one parameter: not readable).
+            used = [t for t in self.costs.terms[p] if known(t)]
+            picked = cost_np[np.arange(len(cost_np)), new.cpu().numpy()]
+            value += float(picked.sum())
+            bound += (self.costs.rounding_gamma(p) * math.fsum(self.key_norms[t.key] for t in used) / 2  # Cauchy-Schwarz
+                      + 2.0 ** -52 * len(picked) * float(np.abs(picked).sum()))
+            for t in used:
+                read[t.key] = read.get(t.key, 0) + (1 if all(q != p for _, q, _ in t.others) else 2)
             if all(known(t) for t in self.costs.terms[p]):
                 complete_at[p] = clock  # this solve saw p's whole cost
             if not torch.equal(new, self.perm[p]):
                 self.perm = {**self.perm, p: new}
                 clock += 1
                 self.changed_at[p] = clock
-        self.current, value = self.exact_objective(self.start, self.perm)  # where it began, where it ends
-        self.objective = [self.current]
-        if value <= self.current:  # not better than where it began: forget it
+        moved = sum(int((self.perm[p] != start[p]).sum()) for p in self.spec.names)
+        unread = [k for k in self.keys if k not in read]
+        if unread:  # parameters of permutations that had nothing to solve: read exactly
+            value += math.fsum(inners(self.spec, [self.perm], k, self.a, self.b)[0][0] for k in unread)
+        if moved and (any(n > 1 for n in read.values()) or abs(value - self.current) <= bound):
+            (value,), bound = self.exact_objective(), 0.0  # the reading cannot decide: the exact value does
+        if not moved or value <= self.current:  # not better than where it began: forget it
             self.perm = start
             self.changed_at = {p: 0 for p in self.spec.names}
             return 0
-        self.current, self.clock = value, clock
+        self.current, self.error, self.clock = value, bound, clock
         self.solved_at.update(complete_at)
-        return sum(int((self.perm[p] != start[p]).sum()) for p in self.spec.names)
+        return moved
