@@ -42,7 +42,7 @@ reading's rounding bound, else it is computed exactly. So the objective never de
 ping-pong, and a sweep in which nothing was accepted ends the search. The record: `objective[0]` is
 exact (float64); later values add up gains as decided, each within its rounding bound, and
 `objective_error` bounds their distance from the exact values (a worst case: float32 products err far
-less in practice). An exact float64 pass over every parameter would cost more than all the decisions.
+less in practice). An exact float64 pass after the forward start took 10-20 % of a whole search.
 """
 from __future__ import annotations
 

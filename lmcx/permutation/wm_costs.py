@@ -8,10 +8,11 @@ of B with the other axes' current permutations applied (one index_select per oth
   - a term on axis 0 (a layer's outputs) uses A and B as they lie (views): `A_t @ B'_tᵀ`;
   - a term on another axis (a layer's inputs) keeps that axis last, `X = W(axis→-1).reshape(-1, n)`, and
     computes `X_Aᵀ @ X_B'`: a Linear weight is then used as it lies, a conv weight's A costs one copy
-    (channels last), and B's other permutation (its output axis, now first) gathers whole contiguous
-    slices straight from a view of B, with no copy of B made beforehand.
-The terms without other permuted axes (biases, norm parameters, a first layer's weight, a classifier's)
-never change: their sum is computed once per p.
+    per product (channels last), and B's other permutation (its output axis, now first) gathers whole
+    contiguous slices straight from a view of B, with no copy of B made beforehand.
+Both operands land in two buffers that every product reuses: fresh tensors of a weight's size would
+cost a page fault per 4 KB. The terms without other permuted axes (biases, norm parameters, a first
+layer's weight, a classifier's) never change: their sum is computed once per p.
 
 Each other term's product `A_t @ B'_tᵀ` is kept (where it is no larger than the term itself, n ≤ fan)
 with the permutations it was made at. Asked again, it is reused if they are the same; if one of them
