@@ -53,6 +53,11 @@ def fmt(values: list[float | None], digits: int = 3, unit: str = "") -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}{unit} (n={n})" if n > 1 else f"{m:.{digits}f}{unit}"
 
 
+def md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    """A Markdown table's lines."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
+
+
 def collect(root: Path, cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """One row per (width, pair, method, split) with barriers, plus SVD and LEWC figures of the pair."""
     rows: list[dict[str, Any]] = []
@@ -252,7 +257,7 @@ def write_report(root: str | Path) -> Path:
     if cfg.interpolate.calibrate:
         header += [f"{meth} calibrated" for meth in methods]
     header += [f"{meth} acc barrier (pp)" for meth in methods]
-    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for width in cfg.widths:
         cells = [width_label(width), fmt(endpoint_accuracy[width], 2)]
         test = lambda meth: _select(rows, width=width, method=meth, split="test")  # noqa: E731
@@ -260,8 +265,8 @@ def write_report(root: str | Path) -> Path:
         if cfg.interpolate.calibrate:
             cells += [fmt([r["calibrated_loss_barrier"] for r in test(meth)], 4) for meth in methods]
         cells += [fmt([r["acc_barrier_pp"] for r in test(meth)], 2) for meth in methods]
-        md.append("| " + " | ".join(cells) + " |")
-    md.append("")
+        body.append(cells)
+    md += md_table(header, body) + [""]
 
     for width in cfg.widths:
         w = width_tag(width)
@@ -269,15 +274,12 @@ def write_report(root: str | Path) -> Path:
                f"Endpoint test accuracy (over models): {fmt(endpoint_accuracy[width], 2, ' %')}.", ""]
         header = ["method", "split", "loss barrier", "calibrated loss barrier", "acc barrier (pp)",
                   "midpoint loss barrier", "calibrated midpoint", "midpoint acc barrier (pp)"]
-        md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for meth in methods:
-            for split in SPLITS:
-                sel = _select(rows, width=width, method=meth, split=split)
-                md.append("| " + " | ".join([meth, split] + [fmt([r[key] for r in sel], digits) for key, digits in (
-                    ("loss_barrier", 4), ("calibrated_loss_barrier", 4), ("acc_barrier_pp", 2),
-                    ("midpoint_loss_barrier", 4), ("calibrated_midpoint_loss_barrier", 4),
-                    ("midpoint_acc_barrier_pp", 2))]) + " |")
-        md.append("")
+        columns = (("loss_barrier", 4), ("calibrated_loss_barrier", 4), ("acc_barrier_pp", 2),
+                   ("midpoint_loss_barrier", 4), ("calibrated_midpoint_loss_barrier", 4), ("midpoint_acc_barrier_pp", 2))
+        body = [[meth, split] + [fmt([r[key] for r in _select(rows, width=width, method=meth, split=split)], digits)
+                                 for key, digits in columns]
+                for meth in methods for split in SPLITS]
+        md += md_table(header, body) + [""]
         flags = _calibration_flags(root, cfg, width) if cfg.interpolate.calibrate else []
         if flags:
             md += ["Fitted temperatures flagged unreliable (calibrated barriers of these curves are doubtful): "
@@ -298,23 +300,22 @@ def write_report(root: str | Path) -> Path:
 
     if three:
         md += ["## Three models matched to one anchor ([A]'s protocol)", "",
-               "Barrier between π(B) and π(C), each matched to the anchor A only (test split); n = triples.", "",
-               "| width | method | loss barrier | calibrated loss barrier | acc barrier (pp) |", "|---|---|---|---|---|"]
+               "Barrier between π(B) and π(C), each matched to the anchor A only (test split); n = triples.", ""]
+        body = []
         for width in cfg.widths:
             for meth in ["naive", *cfg.three_models.methods]:
                 sel = _select(three, width=width, method=meth)
-                md.append(f"| {width_label(width)} | {meth} | {fmt([r['loss_barrier'] for r in sel], 4)} | "
-                          f"{fmt([r['calibrated_loss_barrier'] for r in sel], 4)} | "
-                          f"{fmt([r['acc_barrier_pp'] for r in sel], 2)} |")
-        md.append("")
+                body.append([width_label(width), meth, fmt([r["loss_barrier"] for r in sel], 4),
+                             fmt([r["calibrated_loss_barrier"] for r in sel], 4), fmt([r["acc_barrier_pp"] for r in sel], 2)])
+        md += md_table(["width", "method", "loss barrier", "calibrated loss barrier", "acc barrier (pp)"], body) + [""]
 
     failed = {k: v for k, v in steps.items() if v.get("status") in ("failed", "blocked")}
     md += ["## Steps", ""]
     done = sum(v.get("status") in ("done", "skipped") for v in steps.values())
     md.append(f"{done} of {len(steps)} steps finished.")
     if failed:
-        md += ["", "| step | status | reason |", "|---|---|---|"]
-        md += [f"| {k} | {v['status']} | {v.get('reason', '').replace('|', '/')} |" for k, v in failed.items()]
+        md += [""] + md_table(["step", "status", "reason"],
+                              [[k, v["status"], v.get("reason", "").replace("|", "/")] for k, v in failed.items()])
     md.append("")
     path = root / "report.md"
     write_text(path, "\n".join(md))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmcx.report import fmt  # noqa: E402
+from lmcx.report import fmt, md_table  # noqa: E402
 
 MLPS = [("3e-3 (strong)", "mlp_mnist_strong_wd"), ("1e-4 (weak)", "mlp_mnist_weak_wd"),
         ("0 (none)", "mlp_mnist_no_wd")]
@@ -52,8 +52,8 @@ def endpoint_accuracy(table: list[dict[str, str]], width: str) -> list[float | N
 
 
 def md(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    """A Markdown table, as report.md's."""
+    return "\n".join(md_table(header, body))
 
 
 def per_width(root: Path, title: str, columns: list[tuple[str, str, str, int]]) -> str:
