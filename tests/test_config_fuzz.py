@@ -83,6 +83,9 @@ DATA = {
         st.integers(-3, -1), NOT_INT.filter(lambda v: v is not None))),
     "train_size": F(st.one_of(st.none(), st.integers(64, 400)), st.one_of(
         st.integers(-3, 0), NOT_INT.filter(lambda v: v is not None))),
+    # `standard` is valid only for the torchvision sets (test_data checks that rule): neither drawn nor refused here
+    "normalization": F(st.just("train"), st.one_of(
+        st.text(string.ascii_lowercase, max_size=8).filter(lambda v: v not in ("train", "standard")), NOT_STR)),
     "augment": flag(), "crop_padding": ints(0, 4, 0),
     "synthetic": {"train_size": ints(128, 300, 1), "test_size": ints(1, 100, 1), "num_classes": ints(2, 8, 2),
                   "shape": F(st.tuples(st.integers(1, 3), st.integers(1, 10), st.integers(1, 10)).map(list),
