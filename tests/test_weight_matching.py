@@ -268,6 +268,23 @@ def test_forward_start_value_read_off_its_solves():
     assert within_error(full, full.objective[-1], _exact_objective(spec, full.perm, a, b))
 
 
+def test_mixed_dtypes_and_empty_parameters():
+    """One float64 parameter among float32 ones: every cost in float64 (a cost sums several parameters);
+    a zero-size parameter, even with an empty axis before its permuted one, takes part without harm."""
+    spec, a, b = mlp_spec(), mlp_params(0), mlp_params(1)
+    b64 = {**b, "layers.1.weight": b["layers.1.weight"].double()}
+    res, ref = weight_matching(spec, a, b64, tol=0), weight_matching(spec, a, b, tol=0)
+    assert all(torch.equal(res.perm[p], ref.perm[p]) for p in spec.names)
+    assert within_error(res, res.objective[-1], _exact_objective(spec, res.perm, a, b64))
+    spec = permutation_spec_from_axes({"w1": ("P", None), "e": (None, None, "P"), "w2": (None, "P")})
+    gen = torch.Generator().manual_seed(0)
+    a, b = ({"w1": torch.randn(6, 3, generator=gen), "e": torch.randn(2, 0, 6), "w2": torch.randn(2, 6, generator=gen)}
+            for _ in range(2))
+    for start in ("forward", "identity"):
+        res = weight_matching(spec, a, b, start=start, tol=0)
+        assert within_error(res, res.objective[-1], _exact_objective(spec, res.perm, a, b))
+
+
 def test_tolerance_stops_after_a_small_sweep():
     spec, a, b = mlp_spec(), mlp_params(2), mlp_params(3)
     full = weight_matching(spec, a, b, seed=0, tol=0, start="identity")

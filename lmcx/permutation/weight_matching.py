@@ -31,15 +31,16 @@ they count too; callers pass the trainable parameters' names for the parameters-
 Re-Basin, PLeaS and rebasin (`distance.objective_keys`, `match.wm_objective`).
 
 Numerics (wm_costs.py): cost matrices are built with torch on the parameters' device in float32
-(float64 when the parameters are float64); only the n×n cost goes to numpy for
-`scipy.optimize.linear_sum_assignment`. Every decision is rigorous: a candidate assignment is accepted
-only if it strictly improves the objective (by more than `REL_TOL·|objective|`), which its gain read
+(float64 for all when any parameter is float64); only the n×n cost goes to numpy for
+`scipy.optimize.linear_sum_assignment`. Every choice of permutation is rigorous: a candidate assignment
+is accepted only if it strictly improves the objective (by more than `REL_TOL·|objective|`), which its gain read
 off the cost matrix decides when it clears that threshold by more than the matrix's rounding bound
 either way; otherwise the gain is computed exactly in float64 from the units that moved. Likewise the
 forward start is kept only if its value, read off its own solves' cost matrices (each parameter is
 read in the solve that decided the last of its permutations), beats the start by more than that
 reading's rounding bound, else it is computed exactly. So the objective never decreases, ties never
-ping-pong, and a sweep in which nothing was accepted ends the search. The record: `objective[0]` is
+ping-pong, and a sweep in which nothing was accepted ends the search. (The stopping tolerance, a
+heuristic, reads the record as it stands, within `objective_error`.) The record: `objective[0]` is
 exact (float64); later values add up gains as decided, each within its rounding bound, and
 `objective_error` bounds their distance from the exact values (a worst case: float32 products err far
 less in practice). An exact float64 pass after the forward start took 10-20 % of a whole search.
@@ -173,8 +174,9 @@ def weight_matching(
     device = params_a[keys[0]].device if keys else torch.device("cpu")
     a: dict[str, torch.Tensor] = {}
     b: dict[str, torch.Tensor] = {}
+    # one dtype for all: a cost matrix sums terms of several parameters (float64 if any is)
+    dtype = torch.float64 if any(x[k].dtype == torch.float64 for x in (params_a, params_b) for k in keys) else torch.float32
     for k in keys:
-        dtype = torch.float64 if params_a[k].dtype == torch.float64 or params_b[k].dtype == torch.float64 else torch.float32
         a[k] = params_a[k].detach().to(device=device, dtype=dtype)
         b[k] = params_b[k].detach().to(device=device, dtype=dtype)
 

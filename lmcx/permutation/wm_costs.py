@@ -73,7 +73,8 @@ class Term:
     def unit_norms(self, x: torch.Tensor) -> torch.Tensor:
         """‖row i‖ of `rows(x)`, read from the parameter as it lies (x laid out like `b`): no copy."""
         y = x.movedim(self.unit_dim, self.axis)
-        per_unit = y.reshape(math.prod(y.shape[:self.axis]), self.n, -1)  # blocks of a unit: its last dim
+        before, after = math.prod(y.shape[:self.axis]), y.shape[self.axis] // self.n * math.prod(y.shape[self.axis + 1:])
+        per_unit = y.reshape(before, self.n, after)  # a unit's block and what follows it: its last dim
         return torch.linalg.vector_norm(per_unit, dim=(0, 2))
 
     @property
