@@ -40,6 +40,11 @@ def _require_distinct_names(values: list[float], key: str, where: str, prefix: s
                  "significant digits); drop one or make them differ within those digits")
 
 
+def _require_device(value: str, key: str) -> None:
+    _require(value == "auto" or value == "cpu" or value.startswith("cuda"), key,
+             f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
 def _require_threads(value: Any, key: str) -> None:
     from .threads import parse
 
@@ -107,8 +112,7 @@ def check_train(cfg: Any, p: str) -> None:
 
 def check_train_job(cfg: Any, p: str) -> None:
     """Ranges of a TrainJob."""
-    _require(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), f"{p}device",
-             f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    _require_device(cfg.device, f"{p}device")
     _require_seed(cfg.seed, f"{p}seed")
     _require_threads(cfg.threads, f"{p}threads")
 
@@ -168,6 +172,7 @@ def check_experiment(cfg: Any, p: str) -> None:
     """Ranges of a ExperimentConfig."""
     # everything that would otherwise fail half-way through a sweep fails here, before any training
     _require_threads(cfg.threads, f"{p}threads")
+    _require_device(cfg.device, f"{p}device")
     for section in ("match", "interpolate", "svd", "lewc"):  # one process runs every step: one thread count
         _require(getattr(cfg, section).threads == "auto", f"{p}{section}.threads",
                  "set threads once, at the top level of the experiment")

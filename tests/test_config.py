@@ -38,6 +38,18 @@ def test_bad_config_names_key_and_file(tmp_path, text, fragments):
         assert fragment in message
 
 
+@pytest.mark.parametrize("cls_name", ["TrainJob", "ExperimentConfig"])
+def test_device_is_checked_where_it_is_set(tmp_path, cls_name):
+    """An unknown device stops the command before any work, a whole experiment's too (its dry run once
+    planned every step for `device: tpu`; found by test_config_fuzz)."""
+    import lmcx.config as config
+
+    path = write_yaml(tmp_path / "bad.yaml", "widths: [1]\nseeds: [0, 1]\ndevice: tpu\n" if cls_name == "ExperimentConfig"
+                      else "device: tpu\n")
+    with pytest.raises(LmcxError, match="device: must be auto, cpu, cuda or cuda:N, got 'tpu'"):
+        load_config(getattr(config, cls_name), path)
+
+
 def test_override_syntax():
     assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
     assert parse_override("x=true") == {"x": True}
