@@ -238,16 +238,15 @@ class _Search:
         self.cost64 = np.empty(0)  # see `solve`
         self.stop = "no improvement"
 
-    def exact_objective(self, *perms: Mapping[str, torch.Tensor] | None) -> list[float]:
-        """Σ ⟨θ_A, π(θ_B)⟩ in float64 for each π of `perms` (default: the current one; None: the
-        identity), in one pass over the parameters, which also sets `norms`."""
-        perms = perms or (self.perm,)
+    def exact_objective(self, perm: Mapping[str, torch.Tensor] | None) -> float:
+        """Σ ⟨θ_A, π(θ_B)⟩ in float64 (`perm` None: the identity), in one pass over the parameters, which
+        also sets `key_norms` and `norms`."""
         values = []
         for k in self.keys:
-            v, self.key_norms[k] = inners(self.spec, list(perms), k, self.a, self.b)
+            (v,), self.key_norms[k] = inners(self.spec, [perm], k, self.a, self.b)
             values.append(v)
         self.norms = math.fsum(self.key_norms.values())
-        return [math.fsum(column) for column in zip(*values)] if values else [0.0] * len(perms)
+        return math.fsum(values)
 
     def distance2(self) -> float:
         """||θ_A − π(θ_B)||² over the matched parameters."""
@@ -274,7 +273,7 @@ class _Search:
     def run(self, max_iter: int, seed: int, tol: float, forward_start: bool, bar) -> None:
         gen = torch.Generator().manual_seed(seed)
         names = self.spec.names
-        self.current, = self.exact_objective(self.start)
+        self.current = self.exact_objective(self.start)
         self.objective = [self.current]
         for sweep in range(max_iter):
             self.iterations += 1
@@ -380,7 +379,7 @@ class _Search:
         if unread:  # parameters of permutations that had nothing to solve: read exactly
             value += math.fsum(inners(self.spec, [self.perm], k, self.a, self.b)[0][0] for k in unread)
         if moved and (any(n > 1 for n in read.values()) or abs(value - self.current) <= bound):
-            (value,), bound = self.exact_objective(), 0.0  # the reading cannot decide: the exact value does
+            value, bound = self.exact_objective(self.perm), 0.0  # the reading cannot decide: the exact value does
         if not moved or value <= self.current:  # not better than where it began: forget it
             self.perm = start
             self.changed_at = {p: 0 for p in self.spec.names}

@@ -255,9 +255,9 @@ def inners(spec: PermutationSpec, perms: list[Mapping[str, Permutation] | None],
     if wa.ndim == 0:
         x, y = wa.double(), wb.double()
         return [(x * y).item()] * len(perms), (x * x + y * y).item()
+    q0 = spec.axes_to_perm[key][0]
     picks = []  # per π: B's row index (None: as it lies) and the other axes' indices
     for perm in perms:
-        q0 = spec.axes_to_perm[key][0]
         rows_b = None if q0 is None or perm is None else axis_index(spec, key, 0, perm[q0])
         picks.append((rows_b, [] if perm is None else _others(spec, perm, key, 0)))
     step = max(1, CHUNK_ELEMS // max(1, wa[0].numel()))
